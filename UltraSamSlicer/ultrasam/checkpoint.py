@@ -1,0 +1,425 @@
+"""One loader for UltraSam, SAM, SAM-format fine-tunes (MedSAM) and this project's own files.
+
+Every file is read with :mod:`ultrasam.safe_pickle`, so no code stored in a checkpoint runs and
+mmengine need not be installed. The tensors are mapped to ``segment_anything.modeling.Sam``
+names, the architecture is read off the tensor shapes, and a ``Sam`` is built and loaded strictly.
+
+Layouts recognised:
+
+- ``ultrasam``: mmengine checkpoint (``meta``, ``state_dict``, ``message_hub``) whose
+  ``state_dict`` has ``backbone.``/``decoder.``/``bbox_head.``/``prompt_encoder.`` keys
+  (see ULTRASAM_FACTS.md for the mapping, including the x0.5 on the decoder MLP's ``lin2``).
+- ``sam``: a state dict in ``segment_anything`` names (``image_encoder.`` ...), bare or under
+  ``model`` / ``state_dict``, optionally with DDP's ``module.`` prefix (SAM, MedSAM, ...).
+- ``ultrasam-slicer``: what :func:`save_checkpoint` and the training module write.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+
+from ultrasam import safe_pickle
+
+OWN_FORMAT = "ultrasam-slicer"
+ULTRASAM_PREFIXES = ("backbone.", "decoder.", "bbox_head.", "prompt_encoder.")
+SAM_PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+DECODER_HEADS = 8  # SAM's mask decoder; not recoverable from tensor shapes
+ULTRASAM_MLP_FIX = 0.5
+
+
+class CheckpointError(ValueError):
+    """The file is not a checkpoint this loader can use; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """Everything that fixes a SAM model's tensor shapes (defaults: SAM ViT-B, as UltraSam)."""
+
+    encoder_embed_dim: int = 768
+    encoder_depth: int = 12
+    encoder_num_heads: int = 12
+    encoder_global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    encoder_window_size: int = 14
+    encoder_mlp_ratio: float = 4.0
+    encoder_use_rel_pos: bool = True
+    patch_size: int = 16
+    image_size: int = 1024
+    prompt_embed_dim: int = 256
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+
+    @property
+    def embedding_size(self) -> int:
+        """Side of the image embedding grid (64 for SAM)."""
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class LoadedModel:
+    """A ready ``Sam`` plus what the loader found (for ``ultrasam info`` and the UI)."""
+
+    model: Sam
+    kind: str
+    config: SamConfig
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_ultrasam(self) -> bool:
+        return self.kind == "ultrasam" or self.info.get("postprocess") == "ultrasam"
+
+
+def sam_from_config(config: SamConfig) -> Sam:
+    """A randomly initialised ``Sam`` of the given shape (eval mode, on the CPU)."""
+    grid = config.embedding_size
+    encoder = ImageEncoderViT(
+        depth=config.encoder_depth,
+        embed_dim=config.encoder_embed_dim,
+        img_size=config.image_size,
+        mlp_ratio=config.encoder_mlp_ratio,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=config.encoder_num_heads,
+        patch_size=config.patch_size,
+        qkv_bias=True,
+        use_rel_pos=config.encoder_use_rel_pos,
+        global_attn_indexes=config.encoder_global_attn_indexes,
+        window_size=config.encoder_window_size,
+        out_chans=config.prompt_embed_dim,
+    )
+    prompt_encoder = PromptEncoder(
+        embed_dim=config.prompt_embed_dim,
+        image_embedding_size=(grid, grid),
+        input_image_size=(config.image_size, config.image_size),
+        mask_in_chans=config.mask_in_chans,
+    )
+    decoder = MaskDecoder(
+        num_multimask_outputs=config.num_multimask_outputs,
+        transformer=TwoWayTransformer(
+            depth=config.decoder_depth,
+            embedding_dim=config.prompt_embed_dim,
+            mlp_dim=config.decoder_mlp_dim,
+            num_heads=DECODER_HEADS,
+        ),
+        transformer_dim=config.prompt_embed_dim,
+        iou_head_depth=config.iou_head_depth,
+        iou_head_hidden_dim=config.iou_head_hidden_dim,
+    )
+    model = Sam(
+        image_encoder=encoder,
+        prompt_encoder=prompt_encoder,
+        mask_decoder=decoder,
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    return model.eval()
+
+
+def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> SamConfig:
+    """Read a :class:`SamConfig` off the shapes of a state dict in ``segment_anything`` names."""
+    _require(state_dict, ["image_encoder.patch_embed.proj.weight", "image_encoder.pos_embed",
+                          "mask_decoder.mask_tokens.weight", "prompt_encoder.mask_downscaling.3.weight"])
+    patch = state_dict["image_encoder.patch_embed.proj.weight"]
+    embed_dim, patch_size = int(patch.shape[0]), int(patch.shape[-1])
+    grid = int(state_dict["image_encoder.pos_embed"].shape[1])
+    depth = _count_indexed(state_dict, r"image_encoder\.blocks\.(\d+)\.")
+    use_rel_pos = "image_encoder.blocks.0.attn.rel_pos_h" in state_dict
+    heads, window, global_blocks = embed_dim // 64, 0, tuple(range(depth))
+    if use_rel_pos:
+        sizes = [int(state_dict[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] + 1) // 2
+                 for i in range(depth)]
+        heads = embed_dim // int(state_dict["image_encoder.blocks.0.attn.rel_pos_h"].shape[1])
+        global_blocks = tuple(i for i, size in enumerate(sizes) if size == grid)
+        window = next((size for size in sizes if size != grid), 0)
+    prompt_dim = int(state_dict["mask_decoder.mask_tokens.weight"].shape[1])
+    return SamConfig(
+        encoder_embed_dim=embed_dim,
+        encoder_depth=depth,
+        encoder_num_heads=heads,
+        encoder_global_attn_indexes=global_blocks,
+        encoder_window_size=window,
+        encoder_mlp_ratio=state_dict["image_encoder.blocks.0.mlp.lin1.weight"].shape[0] / embed_dim,
+        encoder_use_rel_pos=use_rel_pos,
+        patch_size=patch_size,
+        image_size=grid * patch_size,
+        prompt_embed_dim=prompt_dim,
+        mask_in_chans=int(state_dict["prompt_encoder.mask_downscaling.3.weight"].shape[0]),
+        decoder_depth=_count_indexed(state_dict, r"mask_decoder\.transformer\.layers\.(\d+)\."),
+        decoder_mlp_dim=int(state_dict["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0]),
+        num_multimask_outputs=int(state_dict["mask_decoder.mask_tokens.weight"].shape[0]) - 1,
+        iou_head_depth=_count_indexed(state_dict, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\."),
+        iou_head_hidden_dim=int(state_dict["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0]),
+    )
+
+
+def build_sam(state_dict: Mapping[str, torch.Tensor]) -> Sam:
+    """A ``Sam`` whose shape is read off ``state_dict`` (SAM names), loaded strictly."""
+    model = sam_from_config(config_from_state_dict(state_dict))
+    missing, unexpected = _key_mismatch(model.state_dict().keys(), state_dict.keys())
+    if missing or unexpected:
+        raise CheckpointError(
+            "the weights do not fit a SAM-architecture model: "
+            + _describe_mismatch(missing, unexpected)
+        )
+    for name, expected in model.state_dict().items():
+        if expected.shape != state_dict[name].shape:
+            raise CheckpointError(
+                f"tensor {name} has shape {tuple(state_dict[name].shape)}, a SAM model of this "
+                f"size needs {tuple(expected.shape)}; the file is not a SAM-architecture checkpoint"
+            )
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load any supported checkpoint file into a ``Sam`` on ``device`` (eval mode)."""
+    raw = read_checkpoint_object(path)
+    kind, state_dict, info = _identify(raw, Path(path))
+    model = build_sam(state_dict).to(device)
+    config = config_from_state_dict(state_dict)
+    info.setdefault("postprocess", "ultrasam" if kind == "ultrasam" else "sam")
+    info["parameters"] = sum(p.numel() for p in model.parameters())
+    info["architecture"] = _describe_config(config)
+    return LoadedModel(model=model, kind=kind, config=config, info=info)
+
+
+def read_checkpoint_object(path: str | os.PathLike) -> Any:
+    """Unpickle a checkpoint file with :mod:`ultrasam.safe_pickle` onto the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file; check the path or download the weights")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: the file is empty; download it again")
+    if not zipfile.is_zipfile(path) and not _looks_like_legacy_torch(path):
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint ({size} bytes, neither torch's zip format nor a pickle); "
+            "a truncated download looks like this too: download it again"
+        )
+    try:
+        return torch.load(path, map_location="cpu", pickle_module=safe_pickle, weights_only=False)
+    except safe_pickle.UnsafePickleError as error:
+        raise CheckpointError(f"{path}: refused: {error}. Only load checkpoints from sources you trust") from None
+    except (RuntimeError, EOFError, ValueError, KeyError, OSError, zipfile.BadZipFile) as error:
+        raise CheckpointError(
+            f"{path}: the checkpoint is damaged or truncated ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); download it again"
+        ) from None
+
+
+def save_checkpoint(path: str | os.PathLike, model: Sam, meta: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model`` in this project's format, atomically (a crash leaves the old file intact).
+
+    The file holds only tensors, plain Python values and the config, so :func:`load_model` (and
+    ``torch.load(weights_only=True)``) read it back.
+    """
+    path = Path(path)
+    state_dict = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    payload = {
+        "format": OWN_FORMAT,
+        "version": 1,
+        "config": asdict(config_from_state_dict(state_dict)),
+        "meta": dict(meta or {}),
+        "model": state_dict,
+    }
+    atomic_torch_save(payload, path)
+    return path
+
+
+def atomic_torch_save(payload: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(payload, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def convert_ultrasam_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map UltraSam's mmdet names to ``segment_anything`` names (ULTRASAM_FACTS.md's table)."""
+    converted: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        if name == "prompt_encoder.label_encoder.label_embedding.weight":
+            converted.update(_split_label_embedding(tensor))
+        elif name.endswith(".attn.in_proj_bias"):
+            for projection, bias in zip("qkv", tensor.chunk(3)):
+                converted[_rename(name).replace("in_proj_bias", f"{projection}_proj.bias")] = bias
+        else:
+            renamed = _rename(name)
+            if re.fullmatch(r"mask_decoder\.transformer\.layers\.\d+\.mlp\.lin2\.(weight|bias)", renamed):
+                tensor = tensor * ULTRASAM_MLP_FIX
+            converted[renamed] = tensor
+    return converted
+
+
+# (pattern, replacement) applied in order; the first match wins.
+_RENAMES = [
+    (r"^backbone\.patch_embed\.projection\.", "image_encoder.patch_embed.proj."),
+    (r"^backbone\.pos_embed$", "image_encoder.pos_embed"),
+    (r"^backbone\.layers\.(\d+)\.ln1\.", r"image_encoder.blocks.\1.norm1."),
+    (r"^backbone\.layers\.(\d+)\.ln2\.", r"image_encoder.blocks.\1.norm2."),
+    (r"^backbone\.layers\.(\d+)\.attn\.", r"image_encoder.blocks.\1.attn."),
+    (r"^backbone\.layers\.(\d+)\.ffn\.layers\.0\.0\.", r"image_encoder.blocks.\1.mlp.lin1."),
+    (r"^backbone\.layers\.(\d+)\.ffn\.layers\.1\.", r"image_encoder.blocks.\1.mlp.lin2."),
+    (r"^backbone\.channel_reduction\.", "image_encoder.neck."),
+    (r"^decoder\.layers\.(\d+)\.(\w+)\.attn\.([qkv])_proj_weight$",
+     r"mask_decoder.transformer.layers.\1.\2.\3_proj.weight"),
+    (r"^decoder\.layers\.(\d+)\.(\w+)\.attn\.", r"mask_decoder.transformer.layers.\1.\2."),
+    (r"^decoder\.layers\.(\d+)\.mlp\.layers\.0\.0\.", r"mask_decoder.transformer.layers.\1.mlp.lin1."),
+    (r"^decoder\.layers\.(\d+)\.mlp\.layers\.1\.", r"mask_decoder.transformer.layers.\1.mlp.lin2."),
+    (r"^decoder\.layers\.", "mask_decoder.transformer.layers."),
+    (r"^decoder\.final_attn_token_to_image\.attn\.([qkv])_proj_weight$",
+     r"mask_decoder.transformer.final_attn_token_to_image.\1_proj.weight"),
+    (r"^decoder\.final_attn_token_to_image\.attn\.", "mask_decoder.transformer.final_attn_token_to_image."),
+    (r"^decoder\.post_norm\.", "mask_decoder.transformer.norm_final_attn."),
+    (r"^bbox_head\.", "mask_decoder."),
+    (r"^prompt_encoder\.", "prompt_encoder."),
+]
+
+# Rows of UltraSam's 11-row label embedding, in order (ULTRASAM_FACTS.md).
+_LABEL_ROWS = [
+    "prompt_encoder.no_mask_embed.weight",
+    "prompt_encoder.point_embeddings.0.weight",
+    "prompt_encoder.point_embeddings.1.weight",
+    "prompt_encoder.point_embeddings.2.weight",
+    "prompt_encoder.point_embeddings.3.weight",
+    "prompt_encoder.not_a_point_embed.weight",
+    ("mask_decoder.mask_tokens.weight", 4),
+    "mask_decoder.iou_token.weight",
+]
+
+
+def _rename(name: str) -> str:
+    for pattern, replacement in _RENAMES:
+        if re.search(pattern, name):
+            return re.sub(pattern, replacement, name)
+    raise CheckpointError(f"unexpected tensor {name!r} in an UltraSam-layout checkpoint")
+
+
+def _split_label_embedding(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    expected_rows = sum(entry[1] if isinstance(entry, tuple) else 1 for entry in _LABEL_ROWS)
+    if weight.shape[0] != expected_rows:
+        raise CheckpointError(
+            f"UltraSam label embedding has {weight.shape[0]} rows, expected {expected_rows}"
+        )
+    parts, row = {}, 0
+    for entry in _LABEL_ROWS:
+        name, rows = entry if isinstance(entry, tuple) else (entry, 1)
+        parts[name] = weight[row:row + rows].clone()
+        row += rows
+    return parts
+
+
+def _identify(raw: Any, path: Path) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+    """Return (kind, state dict in SAM names, info) for an unpickled checkpoint."""
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(raw).__name__}, not a checkpoint dictionary")
+    if raw.get("format") == OWN_FORMAT:
+        return OWN_FORMAT, _tensors_only(raw["model"], path), {"meta": dict(raw.get("meta", {}))}
+    for wrapper in (None, "state_dict", "model"):
+        candidate = raw if wrapper is None else raw.get(wrapper)
+        if not isinstance(candidate, Mapping):
+            continue
+        tensors = _strip_prefix(_tensors_only(candidate, path, strict=False), "module.")
+        if tensors and all(name.startswith(ULTRASAM_PREFIXES) for name in tensors) and any(
+            name.startswith("backbone.") for name in tensors
+        ):
+            return "ultrasam", convert_ultrasam_state_dict(tensors), _mmengine_info(raw)
+        if tensors and any(name.startswith("image_encoder.") for name in tensors):
+            return "sam", tensors, {"wrapper": wrapper or "none"}
+    names = sorted(_tensors_only(raw, path, strict=False))[:5]
+    raise CheckpointError(
+        f"{path}: not a SAM, UltraSam or MedSAM checkpoint: expected tensors named "
+        f"{'/'.join(SAM_PREFIXES)}* (SAM) or {'/'.join(ULTRASAM_PREFIXES)}* (UltraSam), "
+        f"found top-level entries {sorted(map(str, raw))[:8]}" + (f" and tensors like {names}" if names else "")
+    )
+
+
+def _tensors_only(mapping: Mapping, path: Path, strict: bool = True) -> dict[str, torch.Tensor]:
+    tensors = {str(k): v for k, v in mapping.items() if isinstance(v, torch.Tensor)}
+    if strict and len(tensors) != len(mapping):
+        raise CheckpointError(f"{path}: the model entry holds non-tensor values; the file is damaged")
+    return tensors
+
+
+def _strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    if tensors and all(name.startswith(prefix) for name in tensors):
+        return {name[len(prefix):]: tensor for name, tensor in tensors.items()}
+    return tensors
+
+
+def _mmengine_info(raw: Mapping) -> dict[str, Any]:
+    meta = raw.get("meta") if isinstance(raw.get("meta"), Mapping) else {}
+    info: dict[str, Any] = {"postprocess": "ultrasam"}
+    for key in ("iter", "epoch", "mmengine_version", "time"):
+        if key in meta:
+            info[key] = meta[key].item() if hasattr(meta[key], "item") else meta[key]
+    info["has_training_config"] = "cfg" in meta
+    return info
+
+
+def _require(state_dict: Mapping[str, Any], names: list[str]) -> None:
+    missing = [name for name in names if name not in state_dict]
+    if missing:
+        raise CheckpointError(
+            f"the weights are not a SAM-architecture model: missing {missing}; "
+            f"found {len(state_dict)} tensors like {sorted(state_dict)[:4]}"
+        )
+
+
+def _count_indexed(state_dict: Mapping[str, Any], pattern: str) -> int:
+    indices = {int(m.group(1)) for name in state_dict if (m := re.match(pattern, name))}
+    return max(indices) + 1 if indices else 0
+
+
+def _key_mismatch(expected, found) -> tuple[list[str], list[str]]:
+    expected, found = set(expected), set(found)
+    return sorted(expected - found), sorted(found - expected)
+
+
+def _describe_mismatch(missing: list[str], unexpected: list[str], shown: int = 6) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[:shown]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:shown]})")
+    return "; ".join(parts)
+
+
+def _describe_config(config: SamConfig) -> str:
+    if config == SamConfig():
+        return "SAM ViT-B (UltraSam's architecture)"
+    return (
+        f"SAM-architecture ViT: width {config.encoder_embed_dim}, depth {config.encoder_depth}, "
+        f"{config.encoder_num_heads} heads, input {config.image_size}"
+    )
+
+
+def _looks_like_legacy_torch(path: Path) -> bool:
+    with open(path, "rb") as stream:
+        return stream.read(2) == b"\x80\x02"  # pickle protocol 2, torch's pre-1.6 format

@@ -1,0 +1,217 @@
+"""Fast inference for segment_anything's image encoder, without forking it.
+
+SAM's image encoder spends most of its time in attention, which it computes eagerly: it
+materialises the (tokens x tokens) score matrix, adds the decomposed relative-position bias and
+runs a separate softmax. :func:`accelerate_image_encoder` re-classes every encoder ``Attention`` as
+:class:`FusedAttention`, which keeps the same parameters (and state-dict keys) and calls
+``torch.nn.functional.scaled_dot_product_attention`` with that bias as ``attn_mask``, so PyTorch
+can pick a fused kernel. The result is numerically the same function, for windowed (14 x 14
+tokens) and global (64 x 64 tokens) blocks alike.
+
+The other helpers choose the fastest settings a device offers: bf16 autocast where the hardware
+computes bf16 natively (:func:`fast_dtype`, :func:`encoder_autocast`), thread and matmul settings
+(:func:`configure_device`), and an optional ``torch.compile`` whose cold start is paid on a
+background thread while the eager encoder keeps serving (:class:`WarmCompiled`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import ContextManager, Iterable, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from segment_anything.modeling import Sam
+from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT, get_rel_pos
+
+
+def decomposed_rel_pos_bias(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: Tuple[int, int]
+) -> torch.Tensor:
+    """The additive attention bias of SAM's decomposed relative positions (MViTv2).
+
+    Args:
+        q: (B, heads, h * w, head_dim) queries, unscaled, tokens in row-major (y, x) order.
+        rel_pos_h: (Lh, head_dim) embeddings of vertical offsets.
+        rel_pos_w: (Lw, head_dim) embeddings of horizontal offsets.
+        hw: (h, w) token grid of the queries, which is also the key grid (self-attention).
+
+    Returns:
+        (B, heads, h * w, h * w) bias: entry [q, k] = q . Rh[y_q - y_k] + q . Rw[x_q - x_k], the
+        term SAM's ``add_decomposed_rel_pos`` adds to the scaled scores before the softmax.
+    """
+    h, w = hw
+    table_h = get_rel_pos(h, h, rel_pos_h)  # (h, h, head_dim), SAM's own lookup/interpolation
+    table_w = get_rel_pos(w, w, rel_pos_w)  # (w, w, head_dim)
+    q_grid = q.unflatten(2, (h, w))  # (B, heads, h, w, head_dim)
+    rel_h = torch.einsum("bnyxc,ykc->bnyxk", q_grid, table_h)  # (B, heads, h, w, h_k)
+    rel_w = torch.einsum("bnyxc,xkc->bnyxk", q_grid, table_w)  # (B, heads, h, w, w_k)
+    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, heads, h, w, h_k, w_k)
+    return bias.flatten(4).flatten(2, 3)
+
+
+class FusedAttention(Attention):
+    """SAM's image-encoder ``Attention`` with the same parameters, computed by SDPA.
+
+    Never constructed directly: :func:`accelerate_image_encoder` re-classes existing modules, so
+    weights, devices and state-dict keys are untouched.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, dim) tokens -> (B, h, w, dim); B counts images times windows."""
+        batch, h, w, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, h * w, head_dim)
+        bias = None
+        if self.use_rel_pos:
+            bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w))
+        # SDPA's default scale is head_dim ** -0.5, the same as self.scale.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(out.transpose(1, 2).reshape(batch, h, w, -1))
+
+
+def accelerate_image_encoder(model: Union[Sam, ImageEncoderViT]) -> Union[Sam, ImageEncoderViT]:
+    """Switch every attention of a SAM image encoder to :class:`FusedAttention`, in place.
+
+    Safe to call twice; works for inference and training (gradients flow to ``rel_pos_h/w``).
+    Accepts the whole ``Sam`` or its ``image_encoder``; returns the same object.
+    """
+    encoder = model.image_encoder if isinstance(model, Sam) else model
+    if not isinstance(encoder, ImageEncoderViT):
+        raise TypeError(
+            f"expected a segment_anything Sam or ImageEncoderViT, got {type(model).__name__}; "
+            "load the model with ultrasam.checkpoint.load_model first"
+        )
+    for module in encoder.modules():
+        if type(module) is Attention:
+            module.__class__ = FusedAttention
+    return model
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); otherwise bf16 is slower."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def fast_dtype(device: Union[str, torch.device]) -> torch.dtype:
+    """The fastest dtype for the image encoder on ``device`` that keeps SAM's masks.
+
+    bf16 where the device computes it natively (CUDA with bf16 support, CPUs with AVX512-BF16 or
+    AMX), float32 elsewhere. UltraSam's masks under bf16 autocast of the encoder alone stay at
+    IoU >= 0.98 of the fp32 path (Testing/test_speed_equivalence.py).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def encoder_autocast(device: Union[str, torch.device], dtype: torch.dtype) -> ContextManager:
+    """Autocast for the image encoder in ``dtype``; a no-op for float32.
+
+    Use it around the encoder only: the prompt encoder and mask decoder are cheap and stay fp32.
+    """
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def configure_device(device: Union[str, torch.device], threads: Optional[int] = None) -> None:
+    """Process-wide settings that speed SAM up on ``device`` without changing its results.
+
+    CPU: intra-op threads = ``threads`` or the cores this process may use. CUDA: TF32 for fp32
+    matmuls and convolutions (fp32 paths only; bf16 paths are unaffected) and cuDNN autotuning,
+    which pays because every encoder input is 1024 x 1024.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    elif device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+class WarmCompiled:
+    """A module that runs eagerly until its ``torch.compile``'d form is warm, then runs that.
+
+    Compilation (tens of seconds for ViT-B) is triggered by warm-up calls at ``batch_sizes`` on a
+    background thread, so the first embedding and the first click are served by the eager module
+    meanwhile. Once warm, a batch of b images runs in the smallest warmed batch size >= b, padded
+    with zeros, so no shape ever recompiles on the caller's thread; larger batches run eagerly.
+    Inductor keeps its compiled kernels in its on-disk cache (``TORCHINDUCTOR_CACHE_DIR``), which
+    makes later cold starts much shorter. A failed compilation leaves the eager path in use and
+    is reported in :attr:`error`.
+
+    Args:
+        module: takes (B, *sample_shape) tensors, e.g. the image encoder with (B, 3, 1024, 1024).
+        sample_shape: one input without the batch axis.
+        batch_sizes: batch sizes to compile and warm, e.g. (1, 16) for a click and a volume.
+        device, dtype: where and in which autocast dtype the warm-up runs (as the caller will).
+        background: warm on a thread (default) or block until warm.
+        compile_kwargs: passed to ``torch.compile`` (e.g. ``mode``, ``backend``).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        sample_shape: Sequence[int],
+        batch_sizes: Iterable[int],
+        device: Union[str, torch.device],
+        dtype: torch.dtype = torch.float32,
+        background: bool = True,
+        **compile_kwargs,
+    ) -> None:
+        self.module = module
+        self.error: Optional[BaseException] = None
+        self._sample_shape = tuple(sample_shape)
+        self._batch_sizes = sorted(set(batch_sizes))
+        self._device = torch.device(device)
+        self._dtype = dtype
+        self._compiled = None
+        self._compile_kwargs = {"dynamic": False, **compile_kwargs}
+        self._thread = threading.Thread(target=self._warm, name="ultrasam-compile", daemon=True)
+        self._thread.start()
+        if not background:
+            self.wait()
+
+    @property
+    def ready(self) -> bool:
+        """True once every warm-up batch size has been compiled and run."""
+        return self._compiled is not None
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until warm-up ends (or ``timeout`` seconds); returns :attr:`ready`."""
+        self._thread.join(timeout)
+        return self.ready
+
+    def _warm(self) -> None:
+        try:
+            compiled = torch.compile(self.module, **self._compile_kwargs)
+            with torch.inference_mode(), encoder_autocast(self._device, self._dtype):
+                for batch in self._batch_sizes:
+                    compiled(torch.zeros((batch, *self._sample_shape), device=self._device))
+            if self._device.type == "cuda":
+                torch.cuda.synchronize(self._device)
+            self._compiled = compiled
+        except Exception as error:  # any compiler failure: stay eager, say why
+            self.error = error
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, *sample_shape) -> the module's output for those B inputs, as float32.
+
+        Runs under inference mode and the warm-up's autocast, so the compiled graph's guards
+        always hold.
+        """
+        batch = x.shape[0]
+        fits = [b for b in self._batch_sizes if b >= batch]
+        with torch.inference_mode(), encoder_autocast(self._device, self._dtype):
+            if self._compiled is None or tuple(x.shape[1:]) != self._sample_shape or not fits:
+                return self.module(x).float()
+            padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, fits[0] - batch))
+            return self._compiled(padded)[:batch].float()

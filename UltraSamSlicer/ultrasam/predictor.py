@@ -1,0 +1,300 @@
+"""2D prediction: image embedding (batched, cached) and prompts -> mask, as UltraSam runs it.
+
+Two modes share one code path and differ only where the published models differ:
+
+``"ultrasam"`` (default for UltraSam weights), after mmdet's pipeline as UltraSam uses it:
+  - resize: ``new = int(side * (S / long_side))`` (truncating; 958x533 -> 1023x569), bilinear
+    without antialiasing (OpenCV's rule), rounded to 8 bits;
+  - two-pass "refine" inference: pass 1 with the prompt (single mask); pass 2 with pass 1's
+    low-resolution logits as mask input plus a box (the prompt's box, or for a single point the
+    bounding box of pass 1's mask), multimask output, the mask with the highest predicted IoU kept;
+  - post-processing: threshold the 256x256 logits at 0, then resize the *binary* mask bilinearly
+    to the image and keep every pixel above 0.
+``"sam"`` (Meta's ``SamPredictor``): rounded resize with antialiasing, one pass, the upsampled
+  logits thresholded at 0, multimask output for a lone point.
+
+Frames: prompts and masks are in the original image's pixel frame ``xy`` (x = column, integer
+values are pixel centres); boxes are ``(x0, y0, x1, y1)`` in that frame, SAM's convention.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+
+from ultrasam.device import autocast_for, choose_device
+
+MODES = ("ultrasam", "sam")
+
+
+@dataclass(frozen=True)
+class Prompt2D:
+    """Prompts on one image, in its pixel frame ``xy``.
+
+    Attributes:
+        points_xy: (N, 2) click positions, or None.
+        labels: (N,) 1 for a positive click, 0 for a negative one.
+        box_xyxy: (4,) box (x0, y0, x1, y1), or None.
+    """
+
+    points_xy: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    box_xyxy: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        points = None if self.points_xy is None else np.asarray(self.points_xy, np.float64).reshape(-1, 2)
+        labels = None if self.labels is None else np.asarray(self.labels, np.int64).reshape(-1)
+        box = None if self.box_xyxy is None else np.asarray(self.box_xyxy, np.float64).reshape(4)
+        if points is not None and len(points) == 0:
+            points, labels = None, None
+        if (points is None) != (labels is None) or (points is not None and len(points) != len(labels)):
+            raise ValueError("give one label (1 positive, 0 negative) per point")
+        if labels is not None and not np.isin(labels, (0, 1)).all():
+            raise ValueError(f"point labels must be 1 (positive) or 0 (negative), got {labels.tolist()}")
+        if points is None and box is None:
+            raise ValueError("a prompt needs at least one point or a box")
+        if box is not None and not (box[2] > box[0] and box[3] > box[1]):
+            raise ValueError(f"box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {box.tolist()}")
+        object.__setattr__(self, "points_xy", points)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "box_xyxy", box)
+
+    def check_inside(self, height: int, width: int) -> None:
+        """Raise ValueError naming the prompt that lies outside a (height, width) image."""
+        limits = np.array([width - 0.5, height - 0.5])
+        if self.points_xy is not None:
+            outside = np.any((self.points_xy < -0.5) | (self.points_xy > limits), axis=1)
+            if outside.any():
+                raise ValueError(
+                    f"point(s) {self.points_xy[outside].tolist()} lie outside the {width}x{height} image"
+                )
+        if self.box_xyxy is not None:
+            x0, y0, x1, y1 = self.box_xyxy
+            if x1 < -0.5 or y1 < -0.5 or x0 > limits[0] or y0 > limits[1]:
+                raise ValueError(f"box {self.box_xyxy.tolist()} lies outside the {width}x{height} image")
+
+
+@dataclass
+class ImageEmbedding:
+    """The image encoder's output for one image.
+
+    Attributes:
+        features: (1, C, G, G) encoder output (G = 64 for SAM), on the predictor's device.
+        original_hw: (H, W) of the image given.
+        input_hw: (h, w) of the resized image inside the S x S model input.
+        key: content key the cache used.
+    """
+
+    features: torch.Tensor
+    original_hw: tuple[int, int]
+    input_hw: tuple[int, int]
+    key: str
+
+    @property
+    def scale_xy(self) -> np.ndarray:
+        """(2,) factors from original pixels to model-input pixels, per axis (x, y)."""
+        return np.array([self.input_hw[1] / self.original_hw[1], self.input_hw[0] / self.original_hw[0]])
+
+
+@dataclass
+class Prediction:
+    """One mask in the original image frame.
+
+    Attributes:
+        mask: (H, W) bool.
+        iou: the IoU head's raw score for this mask (not clamped; may exceed 1).
+        low_res_logits: (1, 1, 256, 256) float32 logits in the padded model frame, usable as the
+            ``mask_input`` of a following prediction (refinement, the next slice).
+    """
+
+    mask: np.ndarray
+    iou: float
+    low_res_logits: torch.Tensor
+
+
+class Predictor:
+    """Runs a SAM-architecture model on 2D images: embed once, prompt many times.
+
+    Args:
+        model: a ``segment_anything`` ``Sam`` (e.g. from :func:`ultrasam.checkpoint.load_model`).
+        device: "auto", "cuda", "mps", "cpu" or a torch.device.
+        mode: "ultrasam" or "sam" (see the module docstring).
+        cache_size: how many image embeddings to keep (least recently used dropped first).
+    """
+
+    def __init__(self, model: Sam, device: str | torch.device = "auto", mode: str = "ultrasam",
+                 cache_size: int = 32, batch_size: int = 4) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.device = choose_device(device)
+        self.model = model.to(self.device).eval()
+        self.mode = mode
+        self.batch_size = batch_size
+        self.model_key = uuid.uuid4().hex  # a new model means a new predictor, so a new key
+        self._cache: OrderedDict[str, ImageEmbedding] = OrderedDict()
+        self._cache_size = cache_size
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_encoder.img_size
+
+    # ---- image side ------------------------------------------------------------------------
+    def embed(self, images: Sequence[np.ndarray]) -> list[ImageEmbedding]:
+        """Embed (H, W) or (H, W, 3) uint8 images, in batches, reusing cached embeddings."""
+        keys = [self._content_key(image) for image in images]
+        missing = [i for i, key in enumerate(keys) if key not in self._cache]
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start:start + self.batch_size]
+            for index, embedding in zip(chunk, self._encode([images[i] for i in chunk], [keys[i] for i in chunk])):
+                self._remember(embedding)
+        results = []
+        for key in keys:
+            self._cache.move_to_end(key)
+            results.append(self._cache[key])
+        return results
+
+    def set_image(self, image: np.ndarray) -> ImageEmbedding:
+        """Embed one image (cached)."""
+        return self.embed([image])[0]
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of an (height, width) image resized into the model's S x S input."""
+        scale = self.image_size / max(height, width)
+        if self.mode == "ultrasam":
+            return int(height * scale), int(width * scale)
+        return int(height * scale + 0.5), int(width * scale + 0.5)
+
+    @torch.inference_mode()
+    def _encode(self, images: list[np.ndarray], keys: list[str]) -> list[ImageEmbedding]:
+        inputs, sizes = zip(*(self._preprocess(image) for image in images))
+        batch = torch.cat(inputs)
+        with autocast_for(self.device):
+            features = self.model.image_encoder(batch)
+        features = features.float()
+        return [
+            ImageEmbedding(features[i:i + 1], image.shape[:2], size, key)
+            for i, (image, size, key) in enumerate(zip(images, sizes, keys))
+        ]
+
+    def _preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(H, W[, 3]) uint8 -> (1, 3, S, S) normalised, padded model input and its (h, w)."""
+        image = _as_rgb_uint8(image)
+        height, width = image.shape[:2]
+        size = self.input_size(height, width)
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+        pixels = pixels.permute(2, 0, 1)[None].float()
+        resized = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False,
+                                antialias=self.mode == "sam")
+        resized = resized.round_().clamp_(0, 255)  # both reference pipelines resize in 8 bits
+        normalised = (resized - self.model.pixel_mean) / self.model.pixel_std
+        padded = F.pad(normalised, (0, self.image_size - size[1], 0, self.image_size - size[0]))
+        return padded, size
+
+    def _content_key(self, image: np.ndarray) -> str:
+        digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16)
+        digest.update(f"{image.shape}{image.dtype}{self.mode}{self.model_key}".encode())
+        return digest.hexdigest()
+
+    def _remember(self, embedding: ImageEmbedding) -> None:
+        self._cache[embedding.key] = embedding
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    # ---- prompt side -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict(self, embedding: ImageEmbedding, prompt: Prompt2D,
+                mask_input: torch.Tensor | None = None, refine: bool | None = None) -> Prediction:
+        """Masks for ``prompt`` on an embedded image.
+
+        Args:
+            embedding: from :meth:`embed`.
+            prompt: points and/or box in the image's pixel frame.
+            mask_input: optional (1, 1, 256, 256) logits from an earlier prediction.
+            refine: run UltraSam's second pass; defaults to True in "ultrasam" mode.
+        """
+        prompt.check_inside(*embedding.original_hw)
+        refine = self.mode == "ultrasam" if refine is None else refine
+        lone_point = prompt.box_xyxy is None and mask_input is None and len(prompt.labels) == 1
+        multimask = self.mode == "sam" and lone_point
+        first = self._decode(embedding, prompt.points_xy, prompt.labels, prompt.box_xyxy, mask_input, multimask)
+        if not refine:
+            return first
+        box, points, labels = prompt.box_xyxy, prompt.points_xy, prompt.labels
+        if box is None:
+            box = _refine_box(first.mask, embedding.scale_xy)
+            if box is None:
+                return first  # nothing found: no box to refine with
+            if lone_point and labels[0] == 1:
+                points = labels = None  # UltraSam's rule: the mask's box replaces the point
+        return self._decode(embedding, points, labels, box, first.low_res_logits, multimask=True)
+
+    def _decode(self, embedding: ImageEmbedding, points_xy, labels, box_xyxy,
+                mask_input: torch.Tensor | None, multimask: bool) -> Prediction:
+        """One prompt-encoder + mask-decoder pass; returns the best of the masks produced."""
+        scale = embedding.scale_xy
+        points = None
+        if points_xy is not None:
+            coords = torch.as_tensor(points_xy * scale, dtype=torch.float32, device=self.device)
+            points = (coords[None], torch.as_tensor(labels, device=self.device)[None])
+        boxes = None
+        if box_xyxy is not None:
+            boxes = torch.as_tensor(np.asarray(box_xyxy) * np.tile(scale, 2), dtype=torch.float32,
+                                    device=self.device)[None]
+        if mask_input is not None:
+            mask_input = mask_input.to(self.device, torch.float32)
+        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        low_res, iou = self.model.mask_decoder(
+            image_embeddings=embedding.features,
+            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+        best = int(iou[0].argmax())
+        logits = low_res[:, best:best + 1].float()
+        return Prediction(self._postprocess(logits, embedding), float(iou[0, best]), logits)
+
+    def _postprocess(self, logits: torch.Tensor, embedding: ImageEmbedding) -> np.ndarray:
+        """(1, 1, 256, 256) logits -> (H, W) bool mask in the original frame."""
+        source = (logits > 0).float() if self.mode == "ultrasam" else logits
+        upsampled = self.model.postprocess_masks(source, embedding.input_hw, embedding.original_hw)
+        return (upsampled[0, 0] > 0).cpu().numpy()
+
+
+def _refine_box(mask: np.ndarray, scale_xy: np.ndarray) -> np.ndarray | None:
+    """UltraSam's pass-2 box from a pass-1 (H, W) mask, in SAM's convention (x0, y0, x1, y1).
+
+    UltraSam feeds ``(x_min, y_min, x_max + 1, y_max + 1) * scale`` to a prompt encoder without the
+    +0.5 that segment_anything's adds, so the model-frame box here is that minus 0.5, written in
+    original pixels as ``edges - 0.5 / scale``. None when the mask is empty.
+    """
+    rows = np.flatnonzero(mask.any(axis=1))
+    columns = np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
+        return None
+    edges = np.array([columns[0], rows[0], columns[-1] + 1, rows[-1] + 1], dtype=np.float64)
+    return edges - 0.5 / np.tile(scale_xy, 2)
+
+
+def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, 3|4) uint8 -> (H, W, 3) uint8; refuse anything else clearly."""
+    if image.dtype != np.uint8:
+        raise ValueError(
+            f"images must be 8-bit (uint8), got {image.dtype}; map intensities with ultrasam.intensity.to_uint8"
+        )
+    if image.ndim == 2:
+        return np.repeat(image[..., None], 3, axis=2)
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        return image[..., :3]
+    raise ValueError(f"expected an (H, W) or (H, W, 3) image, got shape {image.shape}")
