@@ -196,7 +196,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
     model = build_sam(state_dict).to(device)
     config = config_from_state_dict(state_dict)
     info.setdefault("postprocess", "ultrasam" if kind == "ultrasam" else "sam")
-    info["parameters"] = sum(p.numel() for p in model.parameters())
+    info["weight_count"] = sum(t.numel() for t in state_dict.values())  # incl. the PE buffer
     info["architecture"] = _describe_config(config)
     return LoadedModel(model=model, kind=kind, config=config, info=info)
 

@@ -32,7 +32,7 @@ class SlicePredictor(Protocol):
     """What propagation needs from a model: a mask for one slice of one volume along one axis."""
 
     def predict(self, index: int, prompt: Prompt2D, mask_input: torch.Tensor | None = None) -> Prediction:
-        """Segment slice ``index``; ``mask_input`` is (1, 256, 256) low-resolution logits or None."""
+        """Segment slice ``index``; ``mask_input`` is (1, 1, 256, 256) low-resolution logits or None."""
 
     def prefetch(self, indices: Sequence[int]) -> None:
         """Hint: these slices are needed next (a real predictor embeds them in one batch)."""
@@ -72,7 +72,7 @@ class StopRules:
         return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SliceResult:
     """One segmented slice.
 
@@ -83,6 +83,8 @@ class SliceResult:
         iou: predicted IoU.
         area: pixels in the predicted mask (before any rejection).
         stop: None when accepted, else the rule that rejected the slice and ended the walk.
+        logits: (1, 1, 256, 256) low-resolution logits on the CPU, kept for accepted slices so a
+            walk can later be extended from any of them.
     """
 
     index: int
@@ -91,14 +93,15 @@ class SliceResult:
     iou: float
     area: int
     stop: str | None = None
+    logits: torch.Tensor | None = field(default=None, repr=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Walk:
     """Slices reached from one key slice in one direction (+1 or -1), nearest first.
 
-    ``end`` says why it ended: a stop rule, EDGE (volume edge) or MET (the next key slice's
-    territory). ``logits`` (1, 256, 256) of the last accepted slice are kept to extend the walk.
+    ``limit`` is the last slice it may reach; ``end`` says why it ended: a stop rule, EDGE (the
+    volume's edge) or MET (the next key slice's territory).
     """
 
     key: int
@@ -106,17 +109,12 @@ class Walk:
     limit: int
     steps: tuple[SliceResult, ...]
     end: str
-    logits: torch.Tensor | None = field(default=None, repr=False)
-
-    def accepted(self) -> tuple[SliceResult, ...]:
-        return tuple(step for step in self.steps if step.stop is None)
 
 
 @dataclass(frozen=True)
 class KeyResult:
     prompt: Prompt2D
     result: SliceResult
-    logits: torch.Tensor = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -219,60 +217,60 @@ class _Stepper:
         if previous is not None and _same_prompt(previous.prompt, prompt):
             return previous
         prediction = self._predict(index, prompt, None, [index])
-        area = int(prediction.mask.sum())
-        result = SliceResult(index, index, prediction.mask, float(prediction.iou), area)
+        result = _result(index, index, prediction, None)
         self.on_slice(result)
-        return KeyResult(prompt, result, prediction.low_res_logits)
+        return KeyResult(prompt, result)
 
     def walk(self, key: KeyResult, direction: int, limit: int) -> Walk:
         index = key.result.index
         previous = self.owner._walks.get((index, direction))
         if previous is not None and self.owner._keys.get(index) is key:
             return self._reuse(previous, key, limit)
-        return self._extend(Walk(index, direction, limit, (), MET), key.result, key.logits)
+        return self._extend(Walk(index, direction, limit, (), MET), key.result)
 
     def _reuse(self, walk: Walk, key: KeyResult, limit: int) -> Walk:
         """Trim ``walk`` to a nearer ``limit``, or extend it from where it met its old one."""
         beyond = (lambda i: i > limit) if walk.direction > 0 else (lambda i: i < limit)
         if any(beyond(step.index) for step in walk.steps):
             kept = tuple(step for step in walk.steps if not beyond(step.index))
-            accepted = [step for step in kept if step.stop is None]
-            # Extending a trimmed walk later restarts from its key: its last logits are gone.
-            return Walk(walk.key, walk.direction, limit, kept, MET if len(accepted) == len(kept) else kept[-1].stop)
+            return Walk(walk.key, walk.direction, limit, kept, MET)  # a rejected step is never kept
         if walk.end != MET or limit == walk.limit:
             return replace(walk, limit=limit)
-        if walk.logits is None:
-            return self._extend(Walk(walk.key, walk.direction, limit, (), MET), key.result, key.logits)
-        last = walk.steps[-1] if walk.steps else key.result
-        return self._extend(replace(walk, limit=limit), last, walk.logits)
+        return self._extend(replace(walk, limit=limit), walk.steps[-1] if walk.steps else key.result)
 
-    def _extend(self, walk: Walk, last: SliceResult, logits: torch.Tensor) -> Walk:
-        """Continue ``walk`` past ``last`` (its newest accepted slice, with ``logits``)."""
+    def _extend(self, walk: Walk, last: SliceResult) -> Walk:
+        """Continue ``walk`` past ``last``, its newest accepted slice (or its key slice)."""
         steps, direction, limit = list(walk.steps), walk.direction, walk.limit
         if last.area < self.owner.rules.min_area:
-            return replace(walk, end=VANISHED, logits=None)
+            return replace(walk, end=VANISHED)
         index = last.index + direction
         while (index <= limit) if direction > 0 else (index >= limit):
             ahead = list(range(index, limit + direction, direction))[: self.owner.lookahead]
             prompt = Prompt2D(points_xy=None, labels=None, box_xyxy=mask_box(last.mask))
-            prediction = self._predict(index, prompt, logits, ahead)
-            area = int(prediction.mask.sum())
-            stop = self.owner.rules.verdict(area, float(prediction.iou), last.area)
-            mask = prediction.mask if stop is None else np.zeros_like(prediction.mask)
-            result = SliceResult(index, walk.key, mask, float(prediction.iou), area, stop)
+            prediction = self._predict(index, prompt, last.logits, ahead)
+            stop = self.owner.rules.verdict(int(prediction.mask.sum()), float(prediction.iou), last.area)
+            result = _result(index, walk.key, prediction, stop)
             steps.append(result)
             self.on_slice(result)
             if stop is not None:
-                return replace(walk, steps=tuple(steps), end=stop, logits=None)
-            last, logits, index = result, prediction.low_res_logits, index + direction
+                return replace(walk, steps=tuple(steps), end=stop)
+            last, index = result, index + direction
         at_edge = limit in (0, self.owner.num_slices - 1)
-        return replace(walk, steps=tuple(steps), end=EDGE if at_edge else MET, logits=logits)
+        return replace(walk, steps=tuple(steps), end=EDGE if at_edge else MET)
 
     def _predict(self, index: int, prompt: Prompt2D, logits: torch.Tensor | None, ahead: list[int]) -> Prediction:
         if self.should_cancel():
             raise PropagationCancelled(f"cancelled before slice {index}; the previous result is kept")
         self.owner.predictor.prefetch(ahead)
         return self.owner.predictor.predict(index, prompt, logits)
+
+
+def _result(index: int, key: int, prediction: Prediction, stop: str | None) -> SliceResult:
+    """A SliceResult from a prediction: empty mask and no logits when ``stop`` rejects it."""
+    mask, logits = prediction.mask, prediction.low_res_logits.detach().to("cpu")
+    if stop is not None:
+        mask, logits = np.zeros_like(mask), None
+    return SliceResult(index, key, mask, float(prediction.iou), int(prediction.mask.sum()), stop, logits)
 
 
 def mask_box(mask: np.ndarray) -> np.ndarray:

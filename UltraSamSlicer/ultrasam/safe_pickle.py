@@ -25,6 +25,7 @@ import torch
 # (module, name) pairs that only rebuild data from bytes and arguments.
 _ALLOWED = {
     ("collections", "OrderedDict"),
+    ("_codecs", "encode"),  # how protocol-2 pickles store bytes (numpy scalars)
     ("torch._utils", "_rebuild_tensor"),
     ("torch._utils", "_rebuild_tensor_v2"),
     ("torch._utils", "_rebuild_parameter"),

@@ -19,7 +19,9 @@ therefore a permutation of coordinates, exact whatever the direction matrix; phy
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
+from functools import cached_property
 
 import numpy as np
 
@@ -54,6 +56,8 @@ class VolumeSlices:
         self.volume = volume
         self.axis = axis_index(axis)
         self._uint8, self.window = to_uint8(volume.voxels, window)
+        if self._uint8 is volume.voxels:
+            self._uint8 = volume.voxels.copy()  # a snapshot: later edits of the volume are not seen
         in_plane = [a for a in range(3) if a != self.axis]
         # ijk component = 2 - numpy axis (ijk is the reverse of numpy's k, j, i order).
         self._slice_c, self._y_c, self._x_c = 2 - self.axis, 2 - in_plane[0], 2 - in_plane[1]
@@ -84,6 +88,13 @@ class VolumeSlices:
         """Height / width of one pixel: stretch rows by this to show a slice with its physical shape."""
         x_mm, y_mm = self.pixel_spacing
         return y_mm / x_mm
+
+    @cached_property
+    def content_key(self) -> str:
+        """Digest of the slice images: 8-bit voxels, their shape, the axis and the window."""
+        digest = hashlib.blake2b(np.ascontiguousarray(self._uint8).tobytes(), digest_size=16)
+        digest.update(repr((self._uint8.shape, self.axis, self.window)).encode())
+        return digest.hexdigest()
 
     def image(self, index: int) -> np.ndarray:
         """uint8 slice ``index``: (H, W), or (H, W, 3) for an RGB volume."""

@@ -1,0 +1,70 @@
+"""Shared pieces of the 3D tests: the simulated prostate data and a predictor that knows the truth.
+
+Holds no tests itself; the test_3d_* modules import it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ultrasam.predictor import Prediction, Prompt2D
+from ultrasam.slicing import VolumeSlices
+from ultrasam.volume_io import read_volume
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MRUS3D = DATA / "mrus3d"
+RESECT_CASE3 = DATA / "resect3d" / "Case3.nii.gz"
+
+needs_mrus3d = pytest.mark.skipif(not MRUS3D.is_dir(), reason=f"simulated prostate volumes not found at {MRUS3D}")
+needs_resect = pytest.mark.skipif(not RESECT_CASE3.is_file(), reason=f"RESECT volume not found at {RESECT_CASE3}")
+
+
+def prostate_cases() -> list[str]:
+    return sorted(p.name for p in (MRUS3D / "images").glob("obs*.nii.gz")) if MRUS3D.is_dir() else []
+
+
+def read_prostate(name: str):
+    """(image Volume, (K, J, I) bool gland mask = label channel 0) of one simulated case."""
+    image = read_volume(MRUS3D / "images" / name)
+    gland = read_volume(MRUS3D / "labels" / name, frame=0).voxels > 0.5
+    return image, gland
+
+
+class TruthPredictor:
+    """Returns the true mask of a slice when the prompt touches the object there, else nothing.
+
+    A prompt touches the object when a positive point falls on an object pixel or the box holds
+    the centre of an object pixel. Records every call as (slice index, prompt, had mask input).
+    """
+
+    def __init__(self, slices: VolumeSlices, truth_kji: np.ndarray, iou: float = 0.9) -> None:
+        self.slices, self.truth, self.iou = slices, truth_kji.astype(bool), iou
+        self.calls: list[tuple[int, Prompt2D, bool]] = []
+
+    def prefetch(self, indices) -> None:
+        pass
+
+    def predict(self, index: int, prompt: Prompt2D, mask_input: torch.Tensor | None = None) -> Prediction:
+        self.calls.append((index, prompt, mask_input is not None))
+        truth = self.slices.slice_mask(self.truth, index)
+        mask = truth if self.touches(truth, prompt) else np.zeros_like(truth)
+        return Prediction(mask.copy(), self.iou, torch.full((1, 1, 256, 256), float(index)))
+
+    @staticmethod
+    def touches(truth: np.ndarray, prompt: Prompt2D) -> bool:
+        rows, cols = np.nonzero(truth)
+        if prompt.points_xy is not None:
+            for (x, y), label in zip(np.rint(prompt.points_xy).astype(int), prompt.labels):
+                if label == 1 and 0 <= y < truth.shape[0] and 0 <= x < truth.shape[1] and truth[y, x]:
+                    return True
+        if prompt.box_xyxy is not None:
+            x0, y0, x1, y1 = prompt.box_xyxy
+            return bool(np.any((cols >= x0) & (cols <= x1) & (rows >= y0) & (rows <= y1)))
+        return False
+
+    def called_slices(self) -> set[int]:
+        return {index for index, _, _ in self.calls}
