@@ -10,7 +10,7 @@ Two modes share one code path and differ only where the published models differ:
     bounding box of pass 1's mask), multimask output, the mask with the highest predicted IoU kept;
   - post-processing: threshold the 256x256 logits at 0, then resize the *binary* mask bilinearly
     to the image and keep every pixel above 0.
-``"sam"`` (Meta's ``SamPredictor``): rounded resize with antialiasing, one pass, the upsampled
+``"sam"`` (Meta's ``SamPredictor``): rounded resize with PIL's bilinear filter, one pass, the upsampled
   logits thresholded at 0, multimask output for a lone point.
 
 Frames: prompts and masks are in the original image's pixel frame ``xy`` (x = column, integer
@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from segment_anything.modeling import Sam
 
 from ultrasam.device import autocast_for, choose_device
@@ -190,16 +191,22 @@ class Predictor:
     def _preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """(H, W[, 3]) uint8 -> (1, 3, S, S) normalised, padded model input and its (h, w)."""
         image = _as_rgb_uint8(image)
-        height, width = image.shape[:2]
-        size = self.input_size(height, width)
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
-        pixels = pixels.permute(2, 0, 1)[None].float()
-        resized = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False,
-                                antialias=self.mode == "sam")
-        resized = resized.round_().clamp_(0, 255)  # both reference pipelines resize in 8 bits
+        size = self.input_size(*image.shape[:2])
+        resized = self._resize(image, size)
         normalised = (resized - self.model.pixel_mean) / self.model.pixel_std
         padded = F.pad(normalised, (0, self.image_size - size[1], 0, self.image_size - size[0]))
         return padded, size
+
+    def _resize(self, image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (1, 3, h, w) float holding 8-bit values, as each reference resizes."""
+        if self.mode == "sam":  # SamPredictor resizes with PIL (antialiased bilinear)
+            resized = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
+            return torch.from_numpy(resized.copy()).to(self.device).permute(2, 0, 1)[None].float()
+        # mmcv/OpenCV bilinear, no antialiasing, in 8 bits; computed on the device. OpenCV's
+        # fixed-point arithmetic can differ from this by one grey level on some pixels.
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None].float()
+        resized = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
+        return torch.floor_(resized + 0.5).clamp_(0, 255)
 
     def _content_key(self, image: np.ndarray) -> str:
         digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16)
