@@ -82,8 +82,7 @@ class PromptEcho:
 @pytest.fixture
 def scene():
     scene = slicer.vtkMRMLScene()
-    logics = [slicer.vtkSlicerSegmentationsModuleLogic(), slicer.vtkSlicerVolumesLogic(),
-              slicer.vtkSlicerColorLogic()]
+    logics = [slicer.vtkSlicerSegmentationsModuleLogic(), slicer.vtkSlicerVolumesLogic()]
     for logic in logics:
         logic.SetMRMLScene(scene)  # the segmentations logic registers the labelmap converters
     yield scene

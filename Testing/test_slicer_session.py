@@ -1,0 +1,181 @@
+"""The effect's Qt-free state (session) and its inference thread (worker).
+
+The session is driven with a stand-in predictor that thresholds the slice it is given, on a
+synthetic ball whose extent is known by construction, so the slices a run may and may not touch
+are known exactly.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "UltraSamSlicer"))
+from UltraSamSlicerLib.session import SegmentationSession, Span, crop  # noqa: E402
+from UltraSamSlicerLib.worker import InferenceWorker, Job, WorkerBusy  # noqa: E402
+from ultrasam.geometry import Geometry, Volume  # noqa: E402
+from ultrasam.predictor import Prediction  # noqa: E402
+from ultrasam.prompts3d import VolumePrompts  # noqa: E402
+from ultrasam.propagation import PropagationCancelled  # noqa: E402
+
+SHAPE = (24, 20, 22)
+CENTER_KJI = np.array([10, 9, 11])
+RADIUS = 4.2  # ball covers slices 6..14 along every axis through its centre
+
+
+def ball_volume() -> Volume:
+    k, j, i = np.indices(SHAPE)
+    inside = (k - CENTER_KJI[0]) ** 2 + (j - CENTER_KJI[1]) ** 2 + (i - CENTER_KJI[2]) ** 2 <= RADIUS ** 2
+    geometry = Geometry(origin_lps=[3.0, -2.0, 7.0], spacing=[0.5, 0.7, 1.1])
+    return Volume(np.where(inside, 200, 0).astype(np.uint8), geometry, "ball")
+
+
+class Threshold:
+    """Stand-in model: the mask is the bright pixels of the slice (the ball's true cross-section)."""
+
+    def __init__(self, slices, log):
+        self.slices, self.log = slices, log
+
+    def predict(self, index, prompt, mask_input=None) -> Prediction:
+        self.log.append((index, self.slices.num_slices))
+        return Prediction(self.slices.image(index) > 100, 1.0, torch.zeros(1, 1, 256, 256))
+
+    def prefetch(self, indices) -> None:
+        pass
+
+
+def session_and_log(volume):
+    log = []
+    return SegmentationSession(volume, None, slice_predictor=lambda s: Threshold(s, log)), log
+
+
+def centre_prompt(volume) -> VolumePrompts:
+    ras = volume.geometry.ijk_to_ras(CENTER_KJI[::-1].astype(float))
+    return VolumePrompts(ras[None], [1], frame="ras")
+
+
+def segmented_slices(mask, axis) -> list[int]:
+    other = tuple(a for a in range(3) if a != axis)
+    return np.flatnonzero(mask.any(axis=other)).tolist()
+
+
+def test_preview_segments_only_the_prompted_slice():
+    volume = ball_volume()
+    session, _ = session_and_log(volume)
+    result = session.run(centre_prompt(volume), propagate=False)
+    assert segmented_slices(result.mask, 0) == [10]
+    assert np.array_equal(result.mask[10], volume.voxels[10] > 100)
+
+
+@pytest.mark.parametrize("span, expected", [
+    (Span("both"), list(range(6, 15))),
+    (Span("forward"), list(range(10, 15))),
+    (Span("backward"), list(range(6, 11))),
+    (Span("both", first=8, last=12), list(range(8, 13))),
+])
+def test_propagation_stays_inside_its_span(span, expected):
+    volume = ball_volume()
+    session, log = session_and_log(volume)
+    result = session.run(centre_prompt(volume), propagate=True, span=span)
+    assert segmented_slices(result.mask, 0) == expected
+    assert np.array_equal(result.mask > 0, (volume.voxels > 100) & _slab(expected))
+    lo, hi = span.bounds([10], SHAPE[0])
+    assert {size for _, size in log} == {hi - lo + 1}  # the model only ever saw the span's slices
+
+
+def _slab(indices):
+    slab = np.zeros(SHAPE, bool)
+    slab[indices] = True
+    return slab
+
+
+def test_prompt_outside_the_range_is_refused_with_advice():
+    volume = ball_volume()
+    session, _ = session_and_log(volume)
+    with pytest.raises(ValueError, match="outside the propagation range"):
+        session.run(centre_prompt(volume), propagate=True, span=Span("both", first=12))
+
+
+def test_axis_follows_the_view_and_the_point_stays_put():
+    volume = ball_volume()
+    session, _ = session_and_log(volume)
+    assert session.set_axis(2) and not session.set_axis(2)
+    result = session.run(centre_prompt(volume), propagate=False)
+    assert segmented_slices(result.mask, 2) == [11]
+    assert np.array_equal(result.mask[:, :, 11], volume.voxels[:, :, 11] > 100)
+
+
+def test_cancel_keeps_the_previous_result_and_reruns_reuse_it():
+    volume = ball_volume()
+    session, log = session_and_log(volume)
+    first = session.run(centre_prompt(volume), propagate=True)
+    calls = len(log)
+    session.run(centre_prompt(volume), propagate=True)
+    assert len(log) == calls  # same prompt: nothing recomputed
+    moved = VolumePrompts(volume.geometry.ijk_to_ras(np.array([11.0, 9.0, 12.0]))[None], [1], frame="ras")
+    with pytest.raises(PropagationCancelled):
+        session.run(moved, propagate=True, should_cancel=lambda: True)
+    again = session.run(centre_prompt(volume), propagate=True)
+    assert np.array_equal(again.mask, first.mask)
+    assert "9 slice(s) segmented, 6..14 along k" in again.summary()
+
+
+def test_crop_keeps_voxels_in_place():
+    volume = ball_volume()
+    part = crop(volume, 1, 5, 12)
+    assert part.shape_kji == (24, 8, 22)
+    np.testing.assert_allclose(part.geometry.ijk_to_ras([3, 0, 4]), volume.geometry.ijk_to_ras([3, 5, 4]))
+
+
+def wait_for(worker):
+    for _ in range(500):
+        finished = worker.poll()
+        if finished is not None:
+            return finished
+        time.sleep(0.01)
+    raise AssertionError("worker did not finish")
+
+
+def test_worker_runs_one_job_at_a_time_and_keeps_only_the_latest_request():
+    worker = InferenceWorker()
+    gate, ran = threading.Event(), []
+    worker.start(Job("long", lambda job: gate.wait(5) and "long"))
+    with pytest.raises(WorkerBusy, match="'long' is still running"):
+        worker.start(Job("second", lambda job: None))
+    worker.request(Job("preview 1", lambda job: ran.append(1)))
+    worker.request(Job("preview 2", lambda job: ran.append(2) or "p2"))
+    assert worker.poll() is None
+    gate.set()
+    job, result, error = wait_for(worker)
+    assert (job.name, result, error) == ("long", "long", None)
+    job, result, error = wait_for(worker)
+    assert (job.name, result, ran) == ("preview 2", "p2", [2])
+    worker.shutdown()
+
+
+def test_worker_cancel_and_errors_reach_the_main_thread():
+    worker = InferenceWorker()
+
+    def steps(job):
+        for n in range(1000):
+            if job.cancel.is_set():
+                return f"stopped at {n}"
+            job.progress = (n, 1000)
+            time.sleep(0.001)
+        return "finished"
+
+    job = worker.start(Job("propagate", steps))
+    time.sleep(0.05)
+    worker.cancel()
+    job, result, error = wait_for(worker)
+    assert result.startswith("stopped at") and error is None
+    worker.start(Job("broken", lambda job: 1 / 0))
+    job, result, error = wait_for(worker)
+    assert isinstance(error, ZeroDivisionError) and result is None and not worker.busy
+    worker.shutdown()

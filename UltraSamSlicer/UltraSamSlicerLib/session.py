@@ -1,0 +1,198 @@
+"""One object being segmented in one volume: the effect's state, free of Qt and MRML.
+
+The Segment Editor effect translates clicks and markups into :class:`VolumePrompts` in world RAS
+and calls :meth:`SegmentationSession.run` on the worker thread; everything between prompts and a
+(K, J, I) mask is the core's (:mod:`ultrasam.slicing`, :mod:`ultrasam.prompts3d`,
+:mod:`ultrasam.propagation`). The session adds what an interactive editor needs on top:
+
+- the slicing axis follows the view the user prompts in (points stay valid: they are 3D);
+- a live preview segments the key slices only; "Propagate" walks out from them, and later
+  prompts re-run propagation incrementally (only the walks a changed key slice affects);
+- propagation can be limited to one direction or a slice range: the volume is cropped to that
+  range along the axis, so nothing outside it is computed;
+- one intensity window for the whole volume, whatever range is cropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ultrasam.geometry import Geometry, Volume
+from ultrasam.prompts3d import VolumePrompts, slice_prompts
+from ultrasam.propagation import Propagator, SliceResult, StopRules
+from ultrasam.slicing import VolumeSlices
+from ultrasam.volume_embeddings import VolumeEmbeddingCache, VolumeSlicePredictor
+
+DIRECTIONS = ("both", "forward", "backward")
+
+
+@dataclass(frozen=True)
+class Span:
+    """Which slices propagation may reach, along the session's axis.
+
+    Attributes:
+        direction: "both", "forward" (increasing slice index from the lowest key slice) or
+            "backward" (decreasing from the highest).
+        first, last: optional inclusive slice range; None means the volume's edge.
+    """
+
+    direction: str = "both"
+    first: int | None = None
+    last: int | None = None
+
+    def bounds(self, keys: list[int], num_slices: int) -> tuple[int, int]:
+        """Inclusive (lo, hi) slice range for key slices ``keys`` (sorted)."""
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
+        lo = 0 if self.first is None else max(0, self.first)
+        hi = num_slices - 1 if self.last is None else min(num_slices - 1, self.last)
+        if self.direction == "forward":
+            lo = max(lo, keys[0])
+        elif self.direction == "backward":
+            hi = min(hi, keys[-1])
+        outside = [k for k in keys if not lo <= k <= hi]
+        if outside:
+            raise ValueError(
+                f"prompted slice(s) {outside} lie outside the propagation range {lo}..{hi}: "
+                "widen the range or remove those prompts"
+            )
+        return lo, hi
+
+
+@dataclass
+class SessionResult:
+    """The mask a run produced.
+
+    Attributes:
+        mask: (K, J, I) uint8 0/1 on the session volume's grid.
+        axis: numpy axis the slices were taken along.
+        slices: per-slice reports (slice indices in the full volume).
+        propagated: whether walks ran (False: key slices only).
+    """
+
+    mask: np.ndarray
+    axis: int
+    slices: list[SliceResult] = field(default_factory=list)
+    propagated: bool = False
+
+    def summary(self) -> str:
+        """One line for the status bar: slices segmented and why walks stopped."""
+        kept = [s.index for s in self.slices if s.stop is None and s.area > 0]
+        if not kept:
+            return "no mask found: add a positive point inside the object or draw a box around it"
+        stops = sorted({f"{s.stop} at slice {s.index}" for s in self.slices if s.stop})
+        text = f"{len(kept)} slice(s) segmented, {min(kept)}..{max(kept)} along {'kji'[self.axis]}"
+        return text + (f"; stopped: {', '.join(stops)}" if stops else "")
+
+
+def crop(volume: Volume, axis: int, lo: int, hi: int) -> Volume:
+    """Slices ``lo..hi`` (inclusive) of ``volume`` along numpy ``axis``, with matching geometry."""
+    take = [slice(None)] * 3
+    take[axis] = slice(lo, hi + 1)
+    offset_ijk = np.zeros(3)
+    offset_ijk[2 - axis] = lo
+    geometry = volume.geometry
+    moved = Geometry(geometry.ijk_to_lps(offset_ijk), geometry.spacing, geometry.direction_lps)
+    return Volume(volume.voxels[tuple(take)], moved, volume.name)
+
+
+class SegmentationSession:
+    """Prompts -> mask for one object in one volume, reusing work between runs.
+
+    Args:
+        volume: voxels with geometry ijk -> world RAS (from :mod:`mrml_bridge`).
+        cache: the loaded model's slice-embedding store (shared across volumes and runs).
+        rules: when propagation stops.
+        slice_predictor: builds the per-slice predictor for a cropped volume's slices (tests pass
+            a fake); defaults to :class:`VolumeSlicePredictor` over ``cache``.
+        lookahead: slices embedded per batch while propagating.
+    """
+
+    def __init__(
+        self,
+        volume: Volume,
+        cache: VolumeEmbeddingCache | None,
+        rules: StopRules = StopRules(),
+        slice_predictor: Callable[[VolumeSlices], object] | None = None,
+        lookahead: int = 4,
+    ) -> None:
+        self.volume, self.rules, self.lookahead = volume, rules, lookahead
+        self.window = VolumeSlices(volume, 0).window
+        self.axis = 0
+        self.cache = cache
+        self._make_predictor = slice_predictor or (lambda slices: VolumeSlicePredictor(slices, cache))
+        self._propagator: Propagator | None = None
+        self._propagator_key: tuple | None = None
+
+    def set_axis(self, axis: int) -> bool:
+        """Segment along numpy ``axis`` from now on; True when that changed it (results reset)."""
+        if axis == self.axis:
+            return False
+        self.axis, self._propagator, self._propagator_key = axis, None, None
+        return True
+
+    def embed_all(self, should_cancel: Callable[[], bool] = lambda: False,
+                  on_progress: Callable[[int, int], None] = lambda done, total: None) -> None:
+        """Embed every slice along the current axis ahead of prompting (worthwhile on a GPU)."""
+        slices = self.slices()
+        batch = max(1, self.cache.predictor.batch_size)
+        for start in range(0, slices.num_slices, batch):
+            if should_cancel():
+                return
+            self.cache.get(slices, range(start, min(start + batch, slices.num_slices)))
+            on_progress(min(start + batch, slices.num_slices), slices.num_slices)
+
+    def slices(self) -> VolumeSlices:
+        """The whole volume as slices along the current axis (one window for all)."""
+        return VolumeSlices(self.volume, self.axis, self.window)
+
+    def run(
+        self,
+        prompts: VolumePrompts,
+        propagate: bool,
+        span: Span = Span(),
+        should_cancel: Callable[[], bool] = lambda: False,
+        on_progress: Callable[[int, int], None] = lambda done, total: None,
+    ) -> SessionResult:
+        """Segment from ``prompts`` (world RAS); key slices only, or propagated within ``span``.
+
+        Raises:
+            ValueError: a prompt lies outside the volume or the span (message says which).
+            ultrasam.propagation.PropagationCancelled: ``should_cancel`` said so; the previous
+                result is kept for the next run.
+        """
+        mask = np.zeros(self.volume.shape_kji, dtype=np.uint8)
+        if prompts.is_empty():
+            return SessionResult(mask, self.axis)
+        keys = slice_prompts(self.slices(), prompts)
+        num_slices = self.volume.shape_kji[self.axis]
+        lo, hi = span.bounds(sorted(keys), num_slices) if propagate else (0, num_slices - 1)
+        sub = VolumeSlices(crop(self.volume, self.axis, lo, hi), self.axis, self.window)
+        propagator = self._propagator_for(sub, (self.axis, lo, hi))
+        propagator.propagate = propagate
+        done, total = [0], (hi - lo + 1 if propagate else len(keys))
+
+        def on_slice(result: SliceResult) -> None:
+            done[0] += 1
+            on_progress(min(done[0], total), total)
+
+        result = propagator.run({k - lo: p for k, p in keys.items()}, should_cancel, on_slice)
+        take = [slice(None)] * 3
+        take[self.axis] = slice(lo, hi + 1)
+        mask[tuple(take)] = sub.to_volume(result.masks())
+        reports = [_shift(s, lo) for s in result.slices.values()]
+        return SessionResult(mask, self.axis, reports, propagate)
+
+    def _propagator_for(self, slices: VolumeSlices, key: tuple) -> Propagator:
+        if self._propagator is None or self._propagator_key != key:
+            self._propagator = Propagator(self._make_predictor(slices), slices.num_slices, self.rules,
+                                          lookahead=self.lookahead)
+            self._propagator_key = key
+        return self._propagator
+
+
+def _shift(result: SliceResult, lo: int) -> SliceResult:
+    return SliceResult(result.index + lo, result.key + lo, result.mask, result.iou, result.area, result.stop)
