@@ -1,0 +1,261 @@
+"""The ``ultrasam`` command: segment images and volumes, inspect and download checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+EXAMPLES = """\
+examples:
+  # a 2D ultrasound image, one positive click at pixel (x=120, y=85):
+  ultrasam segment bus_0001-l.png --checkpoint UltraSam.pth --point 120 85 --output mask.png
+
+  # a box and a negative click:
+  ultrasam segment image.png -c UltraSam.pth --box 40 30 200 160 --negative 90 60 -o mask.png
+
+  # a volume: one click given in Slicer's RAS millimetres, segment that slice only:
+  ultrasam segment Case3.nii.gz -c UltraSam.pth --frame ras --point 12.5 -30.1 40.2 -o mask.nii.gz
+
+  # ... and propagate it through the volume along the k axis, writing a Slicer segmentation:
+  ultrasam segment Case3.nii.gz -c UltraSam.pth --point 128 120 144 --propagate -o mask.seg.nrrd
+
+  # a 3D ROI (centre and half sizes, voxels) prompting every slice it crosses:
+  ultrasam segment obs000.nii.gz -c UltraSam.pth --roi 23 31 22 8 10 9 --propagate -o gland.nii.gz
+
+  # many volumes from one prompts file (JSON or CSV), see `ultrasam batch --help`:
+  ultrasam batch prompts.json -c UltraSam.pth --output-dir masks/
+
+  ultrasam info UltraSam.pth     # what the loader finds in a checkpoint
+  ultrasam download              # fetch the official UltraSam weights (needs internet)
+  ultrasam demo                  # segment the bundled real ultrasound volume
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, OSError, RuntimeError) as error:
+        # Every expected failure carries a message meant for the user; no traceback.
+        print(f"ultrasam: error: {error}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ultrasam", description="UltraSam: SAM trained on ultrasound, for images and 3D volumes.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(required=True, metavar="command")
+    _add_segment(commands)
+    _add_batch(commands)
+    _add_info(commands)
+    _add_download(commands)
+    _add_demo(commands)
+    return parser
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--checkpoint", help="UltraSam, SAM, MedSAM or UltraSamTraining checkpoint "
+                        "(default: the downloaded UltraSam weights, see `ultrasam download`)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu")
+    parser.add_argument("--mode", choices=("auto", "ultrasam", "sam"), default="auto",
+                        help="inference rules: UltraSam's two-pass refine and post-processing, or SAM's "
+                        "(auto: UltraSam's for UltraSam weights)")
+
+
+def _add_volume_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--axis", default="k", help="slicing axis: k, j or i (the ijk index constant on a "
+                        "slice), or the numpy axis 0, 1, 2 of the (K, J, I) array (default k)")
+    parser.add_argument("--window", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                        help="intensity window mapped to 0..255 (default: 0..255 for 8-bit-range data, "
+                        "else the 0.5-99.5th percentiles)")
+    parser.add_argument("--propagate", action="store_true", help="extend from the prompted slice(s) "
+                        "through the whole object")
+
+
+def _add_segment(commands) -> None:
+    parser = commands.add_parser(
+        "segment", help="segment one image or volume from prompts", epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Segment one object. Points and boxes are in --frame coordinates: pixel x y for a "
+                    "2D image, voxel i j k, or physical RAS/LPS millimetres for a volume.",
+    )
+    parser.add_argument("input", help="2D image (PNG/JPG), volume (NIfTI, NRRD, MHA/MHD) or DICOM folder")
+    parser.add_argument("-o", "--output", required=True, help=".png (2D), .nii.gz, .nrrd, .mha or .seg.nrrd")
+    parser.add_argument("--point", nargs="+", type=float, action="append", default=[], metavar="X",
+                        help="positive click: X Y (2D) or X Y Z; repeatable")
+    parser.add_argument("--negative", nargs="+", type=float, action="append", default=[], metavar="X",
+                        help="negative click, like --point")
+    parser.add_argument("--box", nargs="+", type=float, action="append", default=[], metavar="X",
+                        help="2D box: X0 Y0 X1 Y1 (2D image) or two opposite corners X0 Y0 Z0 X1 Y1 Z1 "
+                        "on one slice of a volume")
+    parser.add_argument("--roi", nargs=6, type=float, action="append", default=[],
+                        metavar=("CX", "CY", "CZ", "HX", "HY", "HZ"),
+                        help="axis-aligned 3D box (centre and half sizes in --frame) prompting every slice "
+                        "it crosses")
+    parser.add_argument("--frame", choices=("ijk", "ras", "lps"), default="ijk",
+                        help="coordinates of prompts: voxel/pixel indices (default), or RAS/LPS mm")
+    parser.add_argument("--time-frame", type=int, help="frame of a 4D (3D+t) series")
+    parser.add_argument("--report", help="write the per-slice report (JSON) here")
+    _add_model_options(parser)
+    _add_volume_options(parser)
+    parser.set_defaults(run=_run_segment)
+
+
+def _add_batch(commands) -> None:
+    from ultrasam import batch
+
+    parser = commands.add_parser("batch", help="segment many volumes from one prompts file",
+                                 description=batch.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompts", help="JSON or CSV prompts file")
+    parser.add_argument("--output-dir", required=True, help="folder for masks, report.json and summary.csv")
+    _add_model_options(parser)
+    _add_volume_options(parser)
+    parser.set_defaults(run=_run_batch)
+
+
+def _add_info(commands) -> None:
+    parser = commands.add_parser("info", help="say what a checkpoint holds")
+    parser.add_argument("checkpoint")
+    parser.set_defaults(run=_run_info)
+
+
+def _add_download(commands) -> None:
+    parser = commands.add_parser("download", help="download the official UltraSam weights (needs internet)")
+    parser.add_argument("--cache-dir", help="folder to keep them in (default: $ULTRASAM_CACHE or ~/.cache/ultrasam)")
+    parser.set_defaults(run=_run_download)
+
+
+def _add_demo(commands) -> None:
+    parser = commands.add_parser("demo", help="segment the bundled real ultrasound volume (RESECT case 3)")
+    parser.add_argument("-o", "--output", default="demo_output/resect_case3_mask.seg.nrrd")
+    _add_model_options(parser)
+    parser.set_defaults(run=_run_demo)
+
+
+def _run_segment(args: argparse.Namespace, demo_fallback: bool = False) -> int:
+    from ultrasam.batch import segment_volume
+    from ultrasam.volume_io import read_volume, write_mask
+
+    volume = read_volume(args.input, frame=args.time_frame)
+    prompts = _volume_prompts(args, volume.shape_kji[0] == 1)
+    predictor, description = _predictor(args, demo_fallback)
+    print(f"model: {description}", file=sys.stderr)
+    axis = 0 if volume.shape_kji[0] == 1 else args.axis
+    with _progress(volume.shape_kji, axis, args.propagate) as on_slice:
+        mask, report = segment_volume(volume, predictor, prompts, axis=axis, propagate=args.propagate,
+                                      window=tuple(args.window) if args.window else None, on_slice=on_slice)
+    write_mask(mask, volume.geometry, args.output)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.output}: {int(mask.sum())} voxels on {len(report['segmented_slices'])} slice(s)")
+    return 0
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    from ultrasam.batch import run_batch
+
+    predictor, description = _predictor(args)
+    print(f"model: {description}", file=sys.stderr)
+    rows = run_batch(args.prompts, predictor, args.output_dir, axis=args.axis, propagate=args.propagate)
+    failed = [row for row in rows if row.get("error")]
+    print(f"{len(rows) - len(failed)} of {len(rows)} volumes segmented; summary in {args.output_dir}/summary.csv")
+    return 1 if failed else 0
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from ultrasam.checkpoint import load_model
+
+    loaded = load_model(args.checkpoint)
+    print(f"{args.checkpoint}: {loaded.kind} checkpoint")
+    for key, value in loaded.info.items():
+        print(f"  {key}: {value}")
+    return 0
+
+
+def _run_download(args: argparse.Namespace) -> int:
+    from ultrasam.download import download_official_weights
+
+    print(download_official_weights(args.cache_dir))
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from ultrasam.resources import SAMPLE_VOLUME, SAMPLE_POINT_RAS
+
+    args.input, args.time_frame, args.report = str(SAMPLE_VOLUME), None, None
+    args.point, args.negative, args.box, args.roi = [list(SAMPLE_POINT_RAS)], [], [], []
+    args.frame, args.axis, args.window, args.propagate = "ras", "k", None, True
+    print(f"demo: {SAMPLE_VOLUME.name} (RESECT case 3, CC BY 4.0), one click at RAS {SAMPLE_POINT_RAS}")
+    return _run_segment(args, demo_fallback=True)
+
+
+def _volume_prompts(args: argparse.Namespace, is_2d: bool):
+    """Command-line points/boxes/ROIs -> VolumePrompts (2D inputs get z = 0)."""
+    from ultrasam.prompts3d import Roi, SliceBox, VolumePrompts
+
+    def position(values: list[float], option: str, count: int = 1) -> np.ndarray:
+        width = 2 if is_2d and args.frame == "ijk" else 3
+        if len(values) != width * count:
+            raise ValueError(f"{option} takes {width * count} numbers here, got {len(values)}: {values}")
+        points = np.reshape(values, (count, width))
+        return np.pad(points, ((0, 0), (0, 3 - width))) if width == 2 else points
+
+    points = [position(p, "--point")[0] for p in args.point] + [position(p, "--negative")[0] for p in args.negative]
+    labels = [1] * len(args.point) + [0] * len(args.negative)
+    boxes = [SliceBox(*position(b, "--box", 2), frame=args.frame) for b in args.box]
+    rois = [Roi(center=r[:3], half_sizes=r[3:], frame=args.frame) for r in args.roi]
+    prompts = VolumePrompts(points=np.reshape(points, (-1, 3)), labels=labels, frame=args.frame,
+                            boxes=boxes, rois=rois)
+    if prompts.is_empty():
+        raise ValueError("no prompt given: add --point, --negative, --box or --roi (see --help)")
+    return prompts
+
+
+def _predictor(args: argparse.Namespace, demo_fallback: bool = False):
+    """The model named on the command line, else the downloaded UltraSam weights, else (for the
+    demo only) the untrained demonstration model; wrapped in a Predictor, with a description."""
+    from ultrasam.checkpoint import load_model
+    from ultrasam.download import cached_official_weights
+    from ultrasam.predictor import Predictor
+    from ultrasam.resources import UNTRAINED_NOTICE, demonstration_model
+
+    path = args.checkpoint or cached_official_weights()
+    if path is None and demo_fallback:
+        predictor = Predictor(demonstration_model(), device=args.device, mode="sam")
+        return predictor, f"{UNTRAINED_NOTICE} ({predictor.device})"
+    if path is None:
+        raise ValueError("no model: pass --checkpoint FILE (UltraSam, SAM or MedSAM weights), "
+                         "or run `ultrasam download` once to fetch the official UltraSam weights")
+    loaded = load_model(path)
+    mode = args.mode if args.mode != "auto" else loaded.info["postprocess"]
+    predictor = Predictor(loaded.model, device=args.device, mode=mode)
+    return predictor, f"{path} ({loaded.info['architecture']}, {loaded.kind} weights, {mode} rules, {predictor.device})"
+
+
+class _progress:
+    """tqdm bar over slices while a volume is propagated; silent for single slices."""
+
+    def __init__(self, shape_kji, axis, propagate: bool) -> None:
+        from ultrasam.slicing import axis_index
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=shape_kji[axis_index(axis)], unit="slice", desc="segmenting",
+                         disable=not propagate, file=sys.stderr)
+
+    def __enter__(self):
+        return lambda result: self._bar.update(1)
+
+    def __exit__(self, *exc) -> None:
+        self._bar.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
