@@ -82,3 +82,8 @@ def _fetch(url: str, partial: Path, progress: bool) -> None:
             while chunk := response.read(CHUNK):
                 stream.write(chunk)
                 bar.update(len(chunk))
+    received = partial.stat().st_size
+    if total and received < total:
+        raise ConnectionError(
+            f"download of {url} stopped at {received} of {total} bytes; run the same command again to resume"
+        )

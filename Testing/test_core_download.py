@@ -1,0 +1,76 @@
+"""The official-weights download against a local HTTP server: progress, resume, integrity check."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from ultrasam.checkpoint import CheckpointError
+from ultrasam.download import OFFICIAL_NAME, download_official_weights
+from ultrasam_layout import save_ultrasam_checkpoint
+
+
+class _Server:
+    """Serves ``body`` on 127.0.0.1 with HTTP Range support; can cut the first reply short."""
+
+    def __init__(self, body: bytes, cut_first_at: int | None = None):
+        self.body, self.cut_first_at, self.ranges = body, cut_first_at, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
+                server.ranges.append(start)
+                payload = server.body[start:]
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if server.cut_first_at is not None and len(server.ranges) == 1:
+                    payload = payload[: server.cut_first_at]  # connection drops mid-file
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/{OFFICIAL_NAME}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_resumes_an_interrupted_download(tmp_path, tiny_sam):
+    source = tmp_path / "source.pth"
+    save_ultrasam_checkpoint(tiny_sam.state_dict(), source)
+    body = source.read_bytes()
+    server = _Server(body, cut_first_at=len(body) // 3)
+    cache = tmp_path / "cache"
+    try:
+        with pytest.raises(Exception):
+            download_official_weights(cache, url=server.url, progress=False)
+        assert not (cache / OFFICIAL_NAME).exists()  # never a half file under the final name
+        path = download_official_weights(cache, url=server.url, progress=False)
+    finally:
+        server.close()
+    assert path.read_bytes() == body
+    assert server.ranges == [0, len(body) // 3]  # the second request asked only for the rest
+    assert sorted(p.name for p in cache.iterdir()) == [OFFICIAL_NAME]
+
+
+def test_rejects_a_file_that_is_not_ultrasam(tmp_path):
+    server = _Server(b"<html>error page</html>")
+    try:
+        with pytest.raises(CheckpointError, match="not usable.*removed"):
+            download_official_weights(tmp_path, url=server.url, progress=False)
+    finally:
+        server.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreachable_server_says_what_to_do(tmp_path):
+    with pytest.raises(ConnectionError, match="--checkpoint"):
+        download_official_weights(tmp_path, url="http://127.0.0.1:9/UltraSam.pth", progress=False)
