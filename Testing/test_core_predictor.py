@@ -134,3 +134,12 @@ def test_prompt_outside_image(tiny_sam):
 def test_refuses_16_bit_images(tiny_sam):
     with pytest.raises(ValueError, match="uint8.*to_uint8"):
         Predictor(tiny_sam, device="cpu").set_image(np.zeros((10, 10), np.uint16))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_requested_without_gpu():
+    from ultrasam.device import choose_device
+
+    with pytest.raises(RuntimeError, match="choose --device cpu"):
+        choose_device("cuda")
+    assert choose_device("auto").type in ("cpu", "mps")
