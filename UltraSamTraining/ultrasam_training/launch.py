@@ -75,8 +75,8 @@ def sbatch_script(config_path: str | Path, run_dir: str | Path, options: SlurmOp
         *options.setup,
         'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         "export MASTER_PORT=${MASTER_PORT:-29500}",
-        "srun " + shlex.join([python, "-m", "torch.distributed.run", "--nnodes=$SLURM_NNODES"])
-        + f" --nproc_per_node={options.gpus_per_node} --rdzv_id=$SLURM_JOB_ID --rdzv_backend=c10d"
+        "srun " + shlex.join([python, "-m", "torch.distributed.run"])
+        + f" --nnodes=$SLURM_NNODES --nproc_per_node={options.gpus_per_node} --rdzv_id=$SLURM_JOB_ID --rdzv_backend=c10d"
         + " --rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT "
         + shlex.join(["-m", "ultrasam_training", "train", str(Path(config_path).resolve())]),
     ]

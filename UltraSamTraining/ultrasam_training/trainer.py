@@ -103,7 +103,7 @@ def _setup(config: TrainConfig, procs: Processes) -> torch.device:
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    _seed_everything(config.run.seed + procs.rank)
+    _seed_everything(config.run.seed)  # the same scratch init on every rank
     return device
 
 

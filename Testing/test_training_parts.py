@@ -1,0 +1,202 @@
+"""Training pieces against references: the recipe's numbers, analytic prompts, torchvision's focal
+loss, and segment_anything's own ``Sam.forward`` for the prompt/refine passes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
+
+from training_tiny import TINY_SAM
+from ultrasam.checkpoint import CheckpointError, SamConfig, sam_from_config
+from ultrasam_training import config as cfg
+from ultrasam_training.losses import best_candidate, dice_loss, focal_loss, mask_dice, mask_iou, sam_loss
+from ultrasam_training.model_init import load_usfmae_encoder
+from ultrasam_training.prepare import StepBatches, low_res_target, resized_hw
+from ultrasam_training.prompts import (Prompts, centroid_points, fixed_prompts, jitter_boxes, mask_boxes,
+                                       random_points, sample_prompts)
+from ultrasam_training.step import encode, refine_prompts, run_passes
+from ultrasam_training.trainer import lr_factor
+
+
+def test_defaults_are_ultrasams_recipe():
+    config = cfg.TrainConfig()
+    assert (config.optim.lr, config.optim.weight_decay, config.optim.clip_norm) == (1e-4, 1e-4, 0.1)
+    assert (config.optim.warmup_steps, config.optim.milestones, config.optim.gamma) == (500, [20000, 28888], 0.1)
+    assert (config.loss.focal_weight, config.loss.dice_weight, config.loss.iou_weight) == (20.0, 1.0, 1.0)
+    assert (config.loss.focal_gamma, config.loss.focal_alpha) == (2.0, 0.25)
+    assert (config.prompts.box_probability, config.prompts.box_jitter, config.prompts.refine) == (0.5, 0.05, True)
+    assert (config.run.steps, config.run.batch_size, config.data.max_objects, config.data.flip) == (30000, 8, 20, True)
+
+
+def test_config_round_trip_and_errors(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"data": {"train": ["a.json"]}, "model": {"checkpoint": "w.pth"},
+                                "optim": {"lr": 3}}))
+    config = cfg.load_config(path)
+    assert config.optim.lr == 3.0 and config.run.steps == 30000
+    cfg.save_config(config, tmp_path / "again.json")
+    assert cfg.load_config(tmp_path / "again.json") == config
+    bad = [
+        ({"data": {"train": ["a"]}, "model": {"checkpoint": "w"}, "optim": {"lr_rate": 1}}, "unknown key"),
+        ({"data": {"train": ["a"]}, "model": {"checkpoint": "w"}, "run": {"steps": "10"}}, "run.steps must be int"),
+        ({"data": {"train": []}, "model": {"checkpoint": "w"}}, "data.train"),
+        ({"data": {"train": ["a"]}}, "model.checkpoint"),
+        ({"data": {"train": ["a"]}, "model": {"init": "scratch", "scratch": {"image_sise": 64}}}, "model.scratch"),
+        ({"data": {"train": ["a"]}, "model": {"checkpoint": "w"}, "prompts": {"box_probability": 2.0}}, "box_prob"),
+    ]
+    for values, message in bad:
+        with pytest.raises(cfg.ConfigError, match=message):
+            cfg.from_dict(values)
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(cfg.ConfigError, match="not valid JSON"):
+        cfg.load_config(tmp_path / "broken.json")
+
+
+def test_lr_schedule():
+    factor = lambda step: lr_factor(step, 500, [20000, 28888], 0.1)  # noqa: E731
+    assert factor(0) == pytest.approx(0.001)
+    assert factor(250) == pytest.approx(0.001 + 0.999 * 0.5)
+    assert factor(500) == factor(19999) == 1.0
+    assert factor(20000) == pytest.approx(0.1) and factor(28888) == pytest.approx(0.01)
+
+
+def test_boxes_points_and_jitter_against_hand_made_masks():
+    masks = torch.zeros(2, 20, 30, dtype=torch.bool)
+    masks[0, 5:9, 10:16] = True  # rows 5..8, columns 10..15
+    masks[1, 0:1, 29:30] = True  # one pixel in the top-right corner
+    boxes = mask_boxes(masks)
+    assert boxes.tolist() == [[9.5, 4.5, 15.5, 8.5], [28.5, -0.5, 29.5, 0.5]]
+    assert mask_boxes(masks[:1, ::4, ::4], pixel=4.0).tolist() == [[11.5, 7.5, 15.5, 11.5]]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x, y = random_points(masks, generator).long().T
+        assert masks[torch.arange(2), y, x].all()
+    assert centroid_points(masks[:1]).tolist() == [[12.5, 6.5]]
+    jittered = jitter_boxes(boxes[:1].repeat(500, 1), 0.05, (20, 30), generator)
+    assert (jittered - boxes[:1]).abs().max(dim=0).values.tolist() == pytest.approx([0.3, 0.2, 0.3, 0.2], abs=0.02)
+    drawn = sample_prompts(masks[:1].repeat(400, 1, 1), 0.5, 0.05, generator).is_box.float().mean()
+    assert 0.4 < float(drawn) < 0.6
+    fixed = fixed_prompts(masks, "box")
+    assert fixed.is_box.all() and torch.equal(fixed.boxes_xyxy, boxes)
+
+
+def test_resize_and_low_res_target():
+    assert resized_hw(533, 958, 1024) == (569, 1023)  # UltraSam's truncation (facts file)
+    masks = torch.zeros(1, 60, 100, dtype=torch.bool)
+    masks[0, 8:16, 4:12] = True
+    target = low_res_target(masks, 128)
+    assert target.shape == (1, 32, 32)
+    assert target[0].nonzero().tolist() == [[r, c] for r in range(2, 4) for c in range(1, 3)]
+
+
+def test_losses_against_torchvision_and_hand_values():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 8, 8, generator=generator) * 3
+    target = (torch.rand(3, 8, 8, generator=generator) > 0.5).float()
+    reference = sigmoid_focal_loss(logits, target, alpha=0.25, gamma=2.0, reduction="none").mean(dim=(1, 2))
+    assert torch.allclose(focal_loss(logits, target, 2.0, 0.25), reference, atol=1e-6)
+    perfect = torch.where(target > 0, 50.0, -50.0)
+    assert dice_loss(perfect, target).abs().max() < 1e-6
+    a = torch.zeros(1, 4, 4, dtype=torch.bool)
+    b = torch.zeros(1, 4, 4, dtype=torch.bool)
+    a[0, :2], b[0, 1:3] = True, True  # 8 and 8 pixels, 4 shared
+    assert mask_iou(a, b).item() == pytest.approx(4 / 12) and mask_dice(a, b).item() == pytest.approx(0.5)
+    candidates = torch.stack([torch.where(b[0], -1.0, 1.0), torch.where(b[0], 1.0, -1.0), torch.ones(4, 4)])[None]
+    index, ious = best_candidate(candidates, b.float())
+    assert index.item() == 1 and ious[0].tolist() == pytest.approx([0.0, 1.0, 0.5])
+    parts = sam_loss(candidates, torch.tensor([[0.0, 0.25, 0.0]]), b.float(), cfg.LossConfig())
+    assert parts["iou"].item() == pytest.approx(0.75 ** 2)
+    assert parts["total"].item() == pytest.approx(20 * parts["focal"].item() + parts["dice"].item() + 0.5625)
+
+
+def test_step_batches_cover_each_epoch_once_across_ranks():
+    seen = []
+    for rank in range(2):
+        seen += [[i for i, _ in batch] for batch in StepBatches(10, 3, seed=7, start=0, steps=5, rank=rank, world=2)]
+    flat = [i for batch in seen for i in batch]  # 2 ranks x 5 steps x 3 = 30 = 3 epochs of 10
+    assert len(flat) == 30 and all(flat.count(i) == 3 for i in range(10))
+    whole = list(StepBatches(10, 3, seed=7, start=0, steps=5))
+    assert list(StepBatches(10, 3, seed=7, start=3, steps=5)) == whole[3:]
+    assert list(StepBatches(10, 3, seed=8, start=0, steps=5)) != whole
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = SamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_SAM.items()})
+    model = sam_from_config(config)
+    with torch.no_grad():  # SAM zero-initialises some tensors; make every one matter
+        for tensor in model.parameters():
+            tensor.add_(torch.randn_like(tensor) * 0.2)
+    return model.eval()
+
+
+def _sam_query(image: torch.Tensor, prompts: Prompts, n: int, mask_input: torch.Tensor | None = None) -> dict:
+    """Object ``n``'s prompt as one ``Sam.forward`` input record."""
+    query = {"image": image.float(), "original_size": tuple(image.shape[1:])}
+    if prompts.is_box[n]:
+        query["boxes"] = prompts.boxes_xyxy[n : n + 1]
+    else:
+        query["point_coords"], query["point_labels"] = prompts.points_xy[n][None, None], torch.ones(1, 1)
+    if mask_input is not None:
+        query["mask_inputs"] = mask_input
+    return query
+
+
+def test_passes_match_segment_anything(tiny):
+    """Mixed point/box objects decoded together equal Sam.forward run object by object."""
+    image = torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)
+    prompts = Prompts(
+        is_box=torch.tensor([True, False, True]),
+        points_xy=torch.tensor([[0.0, 0.0], [40.0, 30.0], [0.0, 0.0]]),
+        boxes_xyxy=torch.tensor([[10.0, 5.0, 60.0, 50.0], [0.0, 0.0, 0.0, 0.0], [70.0, 40.0, 120.0, 90.0]]),
+    )
+    with torch.no_grad():
+        embedding = encode(tiny, [image], None)
+        passes = run_passes(tiny, embedding, prompts, refine=True)
+        second = refine_prompts(prompts, passes[0].logits, 128)
+    for n in range(3):
+        first = tiny([_sam_query(image, prompts, n)], multimask_output=False)[0]
+        assert torch.allclose(passes[0].logits[n], first["low_res_logits"][0], atol=1e-5)
+        assert torch.allclose(passes[0].iou[n], first["iou_predictions"][0], atol=1e-5)
+        again = tiny([_sam_query(image, second, n, passes[0].logits[n : n + 1])], multimask_output=True)[0]
+        assert torch.allclose(passes[1].logits[n], again["low_res_logits"][0], atol=1e-5)
+    assert torch.equal(second.boxes_xyxy[[0, 2]], prompts.boxes_xyxy[[0, 2]])
+
+
+def test_refine_box_of_a_point_prompt_is_the_pass1_mask_box():
+    logits = -torch.ones(2, 1, 32, 32)
+    logits[0, 0, 2:4, 5:9] = 1.0  # low-res rows 2..3, columns 5..8; 4 input pixels each
+    prompts = Prompts(torch.tensor([False, False]), torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.zeros(2, 4))
+    refined = refine_prompts(prompts, logits, 128)
+    assert refined.is_box.tolist() == [True, False]  # an empty pass-1 mask keeps its point
+    assert refined.boxes_xyxy[0].tolist() == [19.5, 7.5, 35.5, 15.5]
+
+
+def test_usfmae_encoder_mapping():
+    model = sam_from_config(SamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_SAM.items()}))
+    dim = 32
+    usf = {"patch_embed.proj.weight": torch.randn(dim, 3, 16, 16), "patch_embed.proj.bias": torch.randn(dim),
+           "cls_token": torch.randn(1, 1, dim), "decoder_embed.weight": torch.randn(16, dim)}
+    usf["pos_embed"] = torch.cat([torch.full((1, 1, dim), 100.0), torch.full((1, 16, dim), 0.5)], dim=1)
+    for i in range(2):
+        for part, shape in (("norm1", (dim,)), ("attn.qkv", (3 * dim, dim)), ("attn.proj", (dim, dim)),
+                            ("norm2", (dim,)), ("mlp.fc1", (2 * dim, dim)), ("mlp.fc2", (dim, 2 * dim))):
+            usf[f"blocks.{i}.{part}.weight"] = torch.randn(shape)
+            usf[f"blocks.{i}.{part}.bias"] = torch.randn(shape[0])
+    neck_before = model.image_encoder.neck[0].weight.clone()
+    filled = load_usfmae_encoder(model, usf)
+    encoder = model.image_encoder
+    assert encoder.pos_embed.shape == (1, 8, 8, dim)
+    assert torch.allclose(encoder.pos_embed, torch.full((1, 8, 8, dim), 0.5))  # class token dropped
+    assert torch.equal(encoder.blocks[1].mlp.lin2.weight, usf["blocks.1.mlp.fc2.weight"])
+    assert torch.equal(encoder.blocks[0].attn.qkv.bias, usf["blocks.0.attn.qkv.bias"])
+    assert torch.equal(encoder.neck[0].weight, neck_before)
+    assert len(filled) == 3 + 2 * 12
+    usf["blocks.2.norm1.weight"] = torch.randn(dim)  # a deeper encoder than the model
+    with pytest.raises(CheckpointError, match="model.scratch"):
+        load_usfmae_encoder(model, usf)
