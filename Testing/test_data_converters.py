@@ -168,3 +168,48 @@ def test_hc18_real_masks_match_the_csv_circumference_and_refill_from_their_outli
         assert abs(filled.sum() - np.pi * semi[0] * semi[1]) < 0.02 * filled.sum()
     assert coco.dataset["images"][0]["group"] == name.split("_")[0]
     assert mask_utils.area(coco.dataset["annotations"][0]["segmentation"]) == truth.sum()
+
+
+def write_volume(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+
+
+def test_segthy_and_microseg_layouts_pair_rotate_and_clear_outside_the_field_of_view(tmp_path):
+    voxels = np.full((3, 6, 8), 50, np.uint8)  # (K, J, I)
+    voxels[:, :, 6:] = 0  # outside the field of view
+    labels = np.zeros((3, 6, 8), np.uint8)
+    labels[1, 1:3, 1:3] = 1
+    labels[1, 4, 5:8] = 2  # crosses into the zero region
+    write_volume(tmp_path / "segthy" / "US_volumes" / "3_US.nii", voxels)
+    write_volume(tmp_path / "segthy" / "ground_truth_labels" / "3.nii", labels)
+    write_volume(tmp_path / "micro" / "micro_ultrasound_scans" / "microUS_train_07.nii.gz", voxels)
+    write_volume(tmp_path / "micro" / "expert_annotations" / "expert_annotation_train_07.nii.gz", labels)
+    write_volume(tmp_path / "micro" / "non_expert_annotations" / "nonexpert_train_07.nii.gz", labels)
+    for layout, source, kept_columns in (("segthy", "segthy", 8), ("microseg", "micro", 6)):
+        with CocoWriter(tmp_path / "out", layout) as writer:
+            convert_layout(layout, tmp_path / source, writer)
+        coco, masks = load(tmp_path / "out", layout)
+        assert [(i["group"], i["index"]) for i in coco.dataset["images"]] == [("3" if layout == "segthy" else "07", 1)]
+        expected = labels[1].copy()
+        expected[:, kept_columns:] = 0
+        turned = expected[::-1, ::-1]
+        found = masks[coco.dataset["images"][0]["file_name"]]
+        assert [m.sum() for m in found] == [4, int((turned == 2).sum())]
+        assert np.array_equal(found[0], turned == 1) and np.array_equal(found[1], turned == 2)
+
+
+def test_frames_command_cuts_a_2d_time_sequence_frame_by_frame(tmp_path, capsys):
+    from ultrasam_training.convert import main
+
+    frames = np.zeros((5, 10, 12), np.uint8)  # (T, H, W), SimpleITK's x, y, t file
+    frames[[0, 2, 3], 4:7, 3:9] = 1
+    write_volume(tmp_path / "seq" / "patient1_4CH.nii.gz", (np.arange(frames.size) % 200).reshape(frames.shape).astype(np.uint8))
+    write_volume(tmp_path / "gt" / "patient1_4CH_gt.nii.gz", frames)
+    args = ["frames", "--images", str(tmp_path / "seq"), "--labels", str(tmp_path / "gt"), "--label-suffix", "_gt",
+            "--name", "Echo", str(tmp_path / "out")]
+    assert main(args) == 0
+    assert "main: 3 images, 3 instances" in capsys.readouterr().out
+    coco, _ = load(tmp_path / "out", "Echo")
+    assert sorted(i["index"] for i in coco.dataset["images"]) == [0, 2, 3]
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err
