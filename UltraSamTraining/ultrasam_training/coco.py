@@ -344,7 +344,8 @@ class CocoDataset:
                 found = annotation_files(source, split)
                 if not found:
                     raise FileNotFoundError(f"{source}: no {split + '.' if split else ''}<dataset>__coco.json "
-                                            "files; give COCO files or a US-43d folder")
+                                            "files; give COCO files or a US-43d folder (split files need "
+                                            "split='train', 'val' or 'test')")
                 files.extend(found)
             elif source.is_file():
                 files.append(source)
