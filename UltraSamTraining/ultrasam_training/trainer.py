@@ -156,7 +156,7 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
     step, logged, tick = start, start, time.time()
     try:
         for items in loader:
-            parts = _optimise(net, sam, optimizer, scheduler, items, config.optim.clip_norm)
+            parts = optimise(net, sam, optimizer, scheduler, items, config.optim.clip_norm)
             step += 1
             if step % config.run.log_every == 0 or step == config.run.steps:
                 parts = _mean_over_processes(parts, procs)
@@ -189,7 +189,7 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
             log.close()
 
 
-def _optimise(net, sam, optimizer, scheduler, items, clip_norm: float) -> dict[str, torch.Tensor]:
+def optimise(net, sam, optimizer, scheduler, items, clip_norm: float) -> dict[str, torch.Tensor]:
     """One optimizer step on one batch; returns the detached loss parts."""
     optimizer.zero_grad(set_to_none=True)
     parts = net(items)

@@ -1,0 +1,145 @@
+"""Training throughput: images/s per GPU of the default recipe against UltraSam's own numerics.
+
+Two variants of the same model (same initial weights, same batches) run the full training step of
+:mod:`ultrasam_training` (image encoder, prompt pass, refine pass, losses, backward, clip, AdamW):
+
+- ``recipe``: what ``ultrasam-train`` does on a GPU: bf16 autocast and fused (SDPA) attention;
+- ``ultrasam``: as UltraSam trained: fp32, SAM's eager attention (TF32 off).
+
+Prints images/s of each and their ratio (goal on one H100 with SAM ViT-B at 1024: >= 60 images/s
+and >= 3x). Data are synthetic (random grey images with ellipse masks, ``--objects`` per image) and
+prepared before timing, so the figure is the model's, not the data loader's. Random weights:
+throughput does not depend on them, and nothing is downloaded.
+
+    python bench/bench_training.py                      # GPU, SAM ViT-B, batch 8
+    python bench/bench_training.py --tiny --device cpu  # seconds on a CPU: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+from ultrasam.checkpoint import SamConfig, sam_from_config
+from ultrasam.fast_attention import accelerate_image_encoder
+from ultrasam_training.config import LossConfig
+from ultrasam_training.prepare import Item, low_res_target
+from ultrasam_training.prompts import sample_prompts
+from ultrasam_training.step import TrainingModel
+from ultrasam_training.trainer import optimise
+
+TINY = SamConfig(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),
+                 encoder_window_size=4, encoder_mlp_ratio=2.0, image_size=128, prompt_embed_dim=32,
+                 mask_in_chans=4, decoder_mlp_dim=64, iou_head_hidden_dim=32)
+VARIANTS = {"recipe": (torch.bfloat16, True), "ultrasam": (None, False)}  # autocast dtype, fused attention
+
+
+def synthetic_items(count: int, objects: int, image_size: int, seed: int = 0) -> list[Item]:
+    """``count`` items of size (image_size, 3/4 image_size) with ``objects`` random ellipses each."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = image_size * 3 // 4, image_size
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    items = []
+    for _ in range(count):
+        centre = torch.rand(objects, 2, generator=generator) * torch.tensor([width, height]) * 0.8 + 0.1 * width
+        radius = (torch.rand(objects, 2, generator=generator) * 0.15 + 0.03) * width
+        masks = (((xs - centre[:, 0, None, None]) / radius[:, 0, None, None]) ** 2
+                 + ((ys - centre[:, 1, None, None]) / radius[:, 1, None, None]) ** 2) <= 1
+        masks = masks[masks.flatten(1).any(dim=1)]
+        image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
+        items.append(Item(image, low_res_target(masks, image_size), sample_prompts(masks, 0.5, 0.05, generator),
+                          None, "synthetic"))
+    return items
+
+
+def run_variant(name: str, base: torch.nn.Module, batches: list[list[Item]], warmup: int,
+                device: torch.device) -> dict:
+    """Train a copy of ``base`` on ``batches`` (the first ``warmup`` untimed); returns the figures."""
+    autocast, fused = VARIANTS[name]
+    sam = copy.deepcopy(base).to(device).train()
+    if fused:
+        accelerate_image_encoder(sam)
+    net = TrainingModel(sam, LossConfig(), refine=True, autocast_dtype=autocast)
+    optimizer = torch.optim.AdamW(sam.parameters(), lr=1e-4, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    losses = []
+    for index, items in enumerate(batches):
+        if index == warmup:
+            _synchronize(device)
+            start = time.perf_counter()
+        losses.append(float(optimise(net, sam, optimizer, scheduler, items, 0.1)["total"]))
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    images = sum(len(items) for items in batches[warmup:])
+    return {
+        "images_per_s": images / seconds,
+        "seconds": seconds,
+        "first_loss": losses[0],
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def benchmark(config: SamConfig, device: torch.device, batch: int, objects: int, steps: int, warmup: int) -> dict:
+    """Both variants on the same initial weights and batches; returns figures and the speed-up."""
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as UltraSam trained
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    base = sam_from_config(config)
+    pool = synthetic_items(batch * min(steps + warmup, 4), objects, config.image_size)
+    batches = [[pool[(step * batch + i) % len(pool)] for i in range(batch)] for step in range(warmup + steps)]
+    results = {}
+    for name in VARIANTS:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        results[name] = run_variant(name, base, batches, warmup, device)
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "image_size": config.image_size,
+        "encoder": f"{config.encoder_embed_dim} wide, {config.encoder_depth} deep",
+        "batch_per_gpu": batch,
+        "objects_per_image": objects,
+        "timed_steps": steps,
+        "variants": results,
+        "speedup": results["recipe"]["images_per_s"] / results["ultrasam"]["images_per_s"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=8, help="images per GPU (UltraSam: 8)")
+    parser.add_argument("--objects", type=int, default=20, help="objects per image (UltraSam's cap: 20)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (cuDNN autotuning, caches)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny SAM at 128 px (CPU check of this script)")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.objects < 1:
+        parser.error("--steps, --batch and --objects must be >= 1, --warmup >= 0")
+    figures = benchmark(TINY if args.tiny else SamConfig(), torch.device(args.device), args.batch, args.objects,
+                        args.steps, args.warmup)
+    for name, result in figures["variants"].items():
+        print(f"{name:9s} {result['images_per_s']:8.2f} images/s  first loss {result['first_loss']:.4f}"
+              + (f"  peak {result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] else ""))
+    print(f"speed-up  {figures['speedup']:.2f}x  ({figures['device']}, batch {args.batch}, "
+          f"{args.objects} objects, image {figures['image_size']})")
+    if args.json:
+        with open(args.json, "w") as stream:
+            json.dump(figures, stream, indent=2)
+    return figures
+
+
+if __name__ == "__main__":
+    main()
