@@ -49,13 +49,17 @@ class VolumeEmbeddingCache:
         the missing ones, in batches."""
         key = f"{slices.content_key}:{self.predictor.model_key}:{self.predictor.mode}"
         wanted = [(key, int(index)) for index in indices]
-        missing = list(dict.fromkeys(k for k in wanted if k not in self._device and k not in self._host))
+        found = {}
+        for entry in dict.fromkeys(wanted):
+            if entry in self._device or entry in self._host:  # checked late: a fetch may spill others
+                found[entry] = self._fetch(entry)
+        missing = [entry for entry in dict.fromkeys(wanted) if entry not in found]
         if missing:
             images = [slices.image(index) for _, index in missing]
             for entry, embedding in zip(missing, self.predictor.embed(images)):
-                self._store(entry, embedding)
+                found[entry] = _for_use(self._store(entry, embedding))
             self.computed += len(missing)
-        return [self._fetch(entry) for entry in wanted]
+        return [found[entry] for entry in wanted]
 
     def clear(self) -> None:
         self._device.clear()
@@ -69,18 +73,18 @@ class VolumeEmbeddingCache:
     def host_used(self) -> int:
         return sum(_nbytes(e) for e in self._host.values())
 
-    def _store(self, entry: tuple[str, int], embedding: ImageEmbedding) -> None:
-        features = embedding.features.to(self.predictor.device, self.storage_dtype)
-        self._device[entry] = replace(embedding, features=features)
+    def _store(self, entry: tuple[str, int], embedding: ImageEmbedding) -> ImageEmbedding:
+        stored = replace(embedding, features=embedding.features.to(self.predictor.device, self.storage_dtype))
+        self._device[entry] = stored
         self._device.move_to_end(entry)
         self._spill()
+        return stored
 
     def _fetch(self, entry: tuple[str, int]) -> ImageEmbedding:
         if entry in self._host:
-            self._store(entry, self._host.pop(entry))
+            return _for_use(self._store(entry, self._host.pop(entry)))
         self._device.move_to_end(entry)
-        stored = self._device[entry]
-        return replace(stored, features=stored.features.float())
+        return _for_use(self._device[entry])
 
     def _spill(self) -> None:
         """Move least recently used entries to CPU beyond the device budget; drop beyond the CPU one."""
@@ -92,6 +96,11 @@ class VolumeEmbeddingCache:
         host = self.host_used
         while host > self.host_bytes and self._host:
             host -= _nbytes(self._host.popitem(last=False)[1])
+
+
+def _for_use(stored: ImageEmbedding) -> ImageEmbedding:
+    """The float32 embedding the decoder takes, from a stored (possibly bf16) one."""
+    return replace(stored, features=stored.features.float())
 
 
 def _nbytes(embedding: ImageEmbedding) -> int:
