@@ -126,7 +126,7 @@ def roi_boxes(slices: VolumeSlices, roi: Roi) -> dict[int, np.ndarray]:
     limit = np.array([width - 0.5, height - 0.5])
     boxes = {}
     for index, lo, hi in zip(range(first, last + 1), low, high):
-        if np.any(hi - lo <= _EPS) or np.any(hi < -0.5) or np.any(lo > limit):
+        if np.any(hi - lo <= _EPS) or np.any(hi <= -0.5 + _EPS) or np.any(lo >= limit - _EPS):
             continue
         boxes[index] = np.concatenate([np.maximum(lo, -0.5), np.minimum(hi, limit)])
     return boxes
