@@ -4,6 +4,7 @@ loss, and segment_anything's own ``Sam.forward`` for the prompt/refine passes.""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from ultrasam.checkpoint import CheckpointError, SamConfig, sam_from_config
 from ultrasam_training import config as cfg
 from ultrasam_training.losses import best_candidate, dice_loss, focal_loss, mask_dice, mask_iou, sam_loss
 from ultrasam_training.model_init import load_usfmae_encoder
-from ultrasam_training.prepare import StepBatches, low_res_target, resized_hw
+from ultrasam_training.coco import DataError
+from ultrasam_training.prepare import PrepareOptions, PreparedDataset, StepBatches, low_res_target, resized_hw
 from ultrasam_training.prompts import (Prompts, centroid_points, fixed_prompts, jitter_boxes, mask_boxes,
                                        random_points, sample_prompts)
 from ultrasam_training.step import encode, refine_prompts, run_passes
@@ -200,3 +202,25 @@ def test_usfmae_encoder_mapping():
     usf["blocks.2.norm1.weight"] = torch.randn(dim)  # a deeper encoder than the model
     with pytest.raises(CheckpointError, match="model.scratch"):
         load_usfmae_encoder(model, usf)
+
+
+class _Samples:
+    """Three samples whose image 1 cannot be read; image n's mask covers n + 1 rows."""
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, index):
+        if index == 1:
+            raise DataError("missing file", "image 1 does not exist")
+        masks = torch.zeros(1, 32, 32, dtype=torch.bool)
+        masks[0, : index + 1] = True
+        return SimpleNamespace(image=torch.zeros(32, 32, 3, dtype=torch.uint8).numpy(), masks=masks.numpy(),
+                               dataset="d")
+
+
+def test_an_unreadable_sample_is_skipped_for_the_next():
+    dataset = PreparedDataset(_Samples(), PrepareOptions(64, prompt_kind="box", keep_masks=True))
+    with pytest.warns(UserWarning, match="image 1 does not exist"):
+        item = dataset[(1, 5)]
+    assert item.masks.shape == (1, 64, 64) and int(item.masks[0].any(dim=1).sum()) == 6  # sample 2, scaled x2

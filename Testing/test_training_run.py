@@ -25,14 +25,16 @@ def _needs_sample():
 
 def test_few_dozen_steps_lower_the_loss_and_validate(tmp_path):
     config = tiny_config(tmp_path / "run", steps=36, val_every=18)
+    config["data"] = {"train": config["data"]["train"], "val_fraction": 0.2}  # hold out 2 of the 10 images
     run_module("ultrasam_training", "train", str(write_config(tmp_path / "c.json", config)))
     records = read_records(tmp_path / "run" / "metrics.jsonl")
+    assert [(r["images"], r["val_images"]) for r in records if r["kind"] == "start"] == [(8, 2)]
     losses = [r["total"] for r in records if r["kind"] == "train"]
     assert len(losses) == 36
     assert sum(losses[-6:]) / 6 < 0.8 * sum(losses[:6]) / 6
     vals = [r for r in records if r["kind"] == "val"]
     assert [r["step"] for r in vals] == [18, 36]
-    assert vals[-1]["objects"] == 10 and set(vals[-1]["per_dataset"]) == {"MMOTU_2d"}
+    assert vals[-1]["objects"] == 2 and set(vals[-1]["per_dataset"]) == {"MMOTU_2d"}
     assert 0.0 <= vals[-1]["dice"] <= 1.0 and 0.0 <= vals[-1]["iou"] <= vals[-1]["dice"] + 1e-9
     final = load_model(tmp_path / "run" / "model.pth")  # what the Segment Editor effect loads
     assert final.model.image_encoder.img_size == 128

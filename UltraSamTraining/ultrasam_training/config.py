@@ -30,6 +30,7 @@ INIT_KINDS = ("checkpoint", "usf-mae", "scratch")
 PRECISIONS = ("auto", "bf16", "fp32")
 ATTENTIONS = ("auto", "fused", "eager")
 VAL_PROMPTS = ("box", "point")
+SPLIT_BY = ("group", "image")
 
 
 class ConfigError(ValueError):
@@ -40,13 +41,17 @@ class ConfigError(ValueError):
 class DataConfig:
     """COCO annotation files (US-43d layout) to train and validate on.
 
-    ``image_root`` is the folder ``file_name`` entries are relative to; empty means the folder of
-    each annotation file's parent (US-43d's ``<root>/<dataset>/annotations/x.json`` layout is
-    resolved by the data reader).
+    ``train`` and ``val`` list COCO files or US-43d folders. ``image_root`` is the folder
+    ``file_name`` entries are relative to; empty lets the data reader find it. Without ``val``,
+    ``val_fraction`` of each training data set is held out for validation, by whole
+    patient/volume groups (``split_by = "group"``, no slice of a validation volume is trained on)
+    or by image (``"image"``, UltraSam's random 95/5 split, which leaks neighbouring slices).
     """
 
     train: list[str] = field(default_factory=list)
     val: list[str] = field(default_factory=list)
+    val_fraction: float = 0.05
+    split_by: str = "group"
     image_root: str = ""
     max_objects: int = 20
     flip: bool = True
@@ -164,6 +169,8 @@ class TrainConfig:
         """Raise ConfigError naming the first unusable value; return self when all are usable."""
         _check(bool(self.data.train), "data.train: list at least one COCO annotation file to train on")
         _check(self.data.max_objects >= 1, "data.max_objects must be >= 1 (UltraSam uses 20)")
+        _check(0.0 <= self.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+        _check(self.data.split_by in SPLIT_BY, f"data.split_by must be one of {SPLIT_BY}")
         _check(self.model.init in INIT_KINDS, f"model.init must be one of {INIT_KINDS}")
         _check(
             self.model.init == "scratch" or bool(self.model.checkpoint),

@@ -8,6 +8,7 @@ run sees exactly what an uninterrupted one would, with any number of loader work
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ultrasam_training.coco import DataError
 from ultrasam_training.prompts import Prompts, fixed_prompts, sample_prompts
 
 
@@ -146,8 +148,16 @@ class PreparedDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, key: int | tuple[int, int]) -> Item:
+        """The item at ``index``; an unreadable image is skipped (with a warning) for the next one."""
         index, seed = key if isinstance(key, tuple) else (key, key)
-        return prepare(self.samples[index], self.options, torch.Generator().manual_seed(seed))
+        for offset in range(len(self.samples)):
+            try:
+                sample = self.samples[(index + offset) % len(self.samples)]
+            except DataError as error:
+                warnings.warn(f"skipped an unreadable sample: {error}", stacklevel=2)
+                continue
+            return prepare(sample, self.options, torch.Generator().manual_seed(seed))
+        raise DataError("no readable image", "every sample failed to load; run `python -m ultrasam_training.check`")
 
 
 def collate(items: list[Item]) -> list[Item]:

@@ -19,7 +19,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,11 +28,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ultrasam.checkpoint import atomic_torch_save, save_checkpoint
 from ultrasam.fast_attention import accelerate_image_encoder
-from ultrasam_training.config import TrainConfig, save_config
+from ultrasam_training.coco import CocoDataset
+from ultrasam_training.config import DataConfig, TrainConfig, save_config
 from ultrasam_training.evaluate import evaluate
 from ultrasam_training.model_init import build_model
 from ultrasam_training.prepare import PrepareOptions, PreparedDataset, StepBatches, collate
 from ultrasam_training.runlog import RunLog
+from ultrasam_training.splits import split_dataset
 from ultrasam_training.step import TrainingModel
 
 RESUME_FILE = "resume.pt"
@@ -65,11 +67,21 @@ def lr_factor(step: int, warmup: int, milestones: Sequence[int], gamma: float) -
     return warm * gamma ** sum(step >= m for m in milestones)
 
 
-def open_samples(files: Sequence[str], image_root: str, max_objects: int) -> Sequence[Any]:
-    """The samples of COCO files or US-43d folders, as one sequence (bad annotations skipped by the reader)."""
-    from ultrasam_training.coco import CocoDataset
+def open_datasets(config: DataConfig, seed: int) -> tuple[Sequence[Any], Optional[Sequence[Any]]]:
+    """Training and validation samples (validation: ``data.val``, else a held-out split, else None).
 
-    return CocoDataset(list(files), max_objects=max_objects, image_root=image_root or None)
+    Bad annotations are dropped by the reader; the split is deterministic, so every rank gets the same.
+    """
+    def open_files(files: Sequence[str]) -> CocoDataset:
+        return CocoDataset(list(files), max_objects=config.max_objects, image_root=config.image_root or None)
+
+    train_set = open_files(config.train)
+    if config.val:
+        return train_set, open_files(config.val)
+    if config.val_fraction == 0:
+        return train_set, None
+    split = split_dataset(train_set, config.val_fraction, seed, by=config.split_by)
+    return train_set.subset(split.train), train_set.subset(split.val)
 
 
 def train(config: TrainConfig, resume: bool = True) -> Path:
@@ -129,15 +141,16 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
         net = DistributedDataParallel(net, device_ids=[device.index] if on_gpu else None, find_unused_parameters=True)
 
     image_size = sam.image_encoder.img_size
+    train_samples, val_samples = open_datasets(config.data, config.run.seed)
     train_set = PreparedDataset(
-        open_samples(config.data.train, config.data.image_root, config.data.max_objects),
+        train_samples,
         PrepareOptions(image_size, config.data.max_objects, config.data.flip, "random",
                        config.prompts.box_probability, config.prompts.box_jitter),
     )
     val_set = None
-    if config.data.val and procs.main:
+    if val_samples is not None and len(val_samples) and procs.main:
         val_set = PreparedDataset(
-            open_samples(config.data.val, config.data.image_root, config.data.max_objects),
+            val_samples,
             PrepareOptions(image_size, config.data.max_objects, prompt_kind=config.prompts.val_prompt, keep_masks=True),
         )
     batches = StepBatches(len(train_set), config.run.batch_size, config.run.seed, start, config.run.steps,
