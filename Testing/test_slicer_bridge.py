@@ -208,6 +208,9 @@ def test_segmentation_under_its_own_transform_keeps_voxels_in_place(scene, volum
     segmentation.GetSegmentation().AddEmptySegment("object", "object")
     volume = mrml_bridge.volume_from_node(volume_node)
     mask = np.zeros(SHAPE_KJI, np.uint8)
+    mask[1:9, 2:12, 3:14] = 1
+    mrml_bridge.write_mask_to_segment(mask, volume, segmentation, "object")
+    mask[:] = 0  # a later, smaller mask replaces the earlier one entirely (live preview)
     mask[2, 3, 4] = mask[6, 9, 11] = 1
     mrml_bridge.write_mask_to_segment(mask, volume, segmentation, "object")
     found = segment_voxels_world(scene, segmentation, volume_node)
@@ -224,19 +227,36 @@ def test_segment_editor_images_map_to_the_same_volume(volume_node, segmentation_
     np.testing.assert_array_equal(from_image.voxels, from_node.voxels)
 
 
-def test_fill_labelmap_reports_the_modified_extent():
+def empty_labelmap(extent, ijk_to_frame) -> "slicer.vtkOrientedImageData":
     labelmap = slicer.vtkOrientedImageData()
-    labelmap.SetExtent(2, 9, 10, 14, 0, 3)  # a modifier labelmap need not start at 0
+    labelmap.SetExtent(*extent)
     labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    labelmap.GetPointData().GetScalars().Fill(0)
+    labelmap.SetImageToWorldMatrix(mrml_bridge.numpy_to_matrix(ijk_to_frame))
+    return labelmap
+
+
+def test_paint_labelmap_on_the_same_grid_reports_the_modified_extent():
+    grid = IJK_TO_LOCAL.copy()
+    labelmap = empty_labelmap((2, 9, 10, 14, 0, 3), grid)  # a modifier labelmap need not start at 0
     mask = np.zeros((4, 5, 8), np.uint8)
     mask[1, 2, 3] = mask[2, 4, 5] = 1
-    assert mrml_bridge.fill_labelmap(labelmap, mask) == [5, 7, 12, 14, 1, 2]
+    shifted = grid @ affine(np.eye(3), [2, 10, 0])  # mask ijk 0 is labelmap extent (2, 10, 0)
+    assert mrml_bridge.paint_labelmap(labelmap, mask, shifted) == [5, 7, 12, 14, 1, 2]
     assert labelmap.GetScalarComponentAsDouble(5, 12, 1, 0) == 1
     assert labelmap.GetScalarComponentAsDouble(7, 14, 2, 0) == 1
     assert labelmap.GetScalarComponentAsDouble(5, 12, 2, 0) == 0
-    assert mrml_bridge.fill_labelmap(labelmap, np.zeros_like(mask)) is None
-    with pytest.raises(mrml_bridge.BridgeError, match="does not match"):
-        mrml_bridge.fill_labelmap(labelmap, np.zeros((4, 5, 7)))
+    assert mrml_bridge.paint_labelmap(labelmap, np.zeros_like(mask), shifted) is None
+
+
+def test_paint_labelmap_resamples_onto_a_finer_grid():
+    # Target voxels half the size: each source voxel covers 2 x 2 x 2 target voxels.
+    coarse = affine(np.diag([2.0, 2.0, 2.0]), [0.0, 0.0, 0.0])
+    fine = affine(np.eye(3), [-0.5, -0.5, -0.5])
+    labelmap = empty_labelmap((0, 9, 0, 9, 0, 9), fine)
+    mask = np.zeros((5, 5, 5), np.uint8)
+    mask[1, 2, 3] = 1  # centre at (6, 4, 2) mm: covers fine voxels i 6..7, j 4..5, k 2..3
+    assert mrml_bridge.paint_labelmap(labelmap, mask, coarse) == [6, 7, 4, 5, 2, 3]
 
 
 def slice_to_ras(normal, point) -> np.ndarray:

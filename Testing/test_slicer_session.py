@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "UltraSamSlicer"))
+MODULE_DIR = Path(__file__).resolve().parents[1] / "UltraSamSlicer"
+sys.path[:0] = [str(MODULE_DIR), str(MODULE_DIR / "Testing" / "Python")]
+from slicer_test_fakes import ThresholdModel, ball  # noqa: E402
 from UltraSamSlicerLib.session import SegmentationSession, Span, crop  # noqa: E402
 from UltraSamSlicerLib.worker import InferenceWorker, Job, WorkerBusy  # noqa: E402
 from ultrasam.geometry import Geometry, Volume  # noqa: E402
-from ultrasam.predictor import Prediction  # noqa: E402
 from ultrasam.prompts3d import VolumePrompts  # noqa: E402
 from ultrasam.propagation import PropagationCancelled  # noqa: E402
 
@@ -30,29 +30,14 @@ RADIUS = 4.2  # ball covers slices 6..14 along every axis through its centre
 
 
 def ball_volume() -> Volume:
-    k, j, i = np.indices(SHAPE)
-    inside = (k - CENTER_KJI[0]) ** 2 + (j - CENTER_KJI[1]) ** 2 + (i - CENTER_KJI[2]) ** 2 <= RADIUS ** 2
+    inside = ball(SHAPE, CENTER_KJI, RADIUS)
     geometry = Geometry(origin_lps=[3.0, -2.0, 7.0], spacing=[0.5, 0.7, 1.1])
     return Volume(np.where(inside, 200, 0).astype(np.uint8), geometry, "ball")
 
 
-class Threshold:
-    """Stand-in model: the mask is the bright pixels of the slice (the ball's true cross-section)."""
-
-    def __init__(self, slices, log):
-        self.slices, self.log = slices, log
-
-    def predict(self, index, prompt, mask_input=None) -> Prediction:
-        self.log.append((index, self.slices.num_slices))
-        return Prediction(self.slices.image(index) > 100, 1.0, torch.zeros(1, 1, 256, 256))
-
-    def prefetch(self, indices) -> None:
-        pass
-
-
 def session_and_log(volume):
     log = []
-    return SegmentationSession(volume, None, slice_predictor=lambda s: Threshold(s, log)), log
+    return SegmentationSession(volume, None, slice_predictor=lambda s: ThresholdModel(s, log)), log
 
 
 def centre_prompt(volume) -> VolumePrompts:
@@ -178,4 +163,20 @@ def test_worker_cancel_and_errors_reach_the_main_thread():
     worker.start(Job("broken", lambda job: 1 / 0))
     job, result, error = wait_for(worker)
     assert isinstance(error, ZeroDivisionError) and result is None and not worker.busy
+    worker.shutdown()
+
+
+def test_a_request_interrupts_background_work():
+    worker = InferenceWorker()
+    started = threading.Event()
+
+    def embed(job):
+        started.set()
+        return "interrupted" if job.cancel.wait(5) else "ran to the end"
+
+    worker.request(Job("embed", embed, background=True))
+    started.wait(5)
+    worker.request(Job("preview", lambda job: "preview"))
+    assert wait_for(worker)[1] == "interrupted"
+    assert wait_for(worker)[1] == "preview"
     worker.shutdown()

@@ -222,6 +222,11 @@ def view_slice(slice_to_ras: np.ndarray, volume: Volume) -> ViewSlice | None:
     return ViewSlice(axis, index)
 
 
+def ijk_to_node_frame(volume: Volume, node: slicer.vtkMRMLTransformableNode) -> np.ndarray:
+    """4x4 matrix from ``volume``'s ijk to the frame of ``node`` (under its parent transforms)."""
+    return np.linalg.inv(local_to_world(node.GetParentTransformNode())) @ volume.geometry.ijk_to_ras_matrix()
+
+
 def mask_to_oriented_image(mask: np.ndarray, ijk_to_frame: np.ndarray) -> slicer.vtkOrientedImageData:
     """A (K, J, I) mask -> uint8 vtkOrientedImageData (1 inside) on the grid ``ijk_to_frame``."""
     mask = np.ascontiguousarray(np.asarray(mask) != 0, dtype=np.uint8)
@@ -245,23 +250,25 @@ def nonzero_extent(mask: np.ndarray, origin_ijk: tuple[int, int, int] = (0, 0, 0
     return extent
 
 
-def fill_labelmap(labelmap: slicer.vtkOrientedImageData, mask: np.ndarray) -> list[int] | None:
-    """Copy a (K, J, I) mask into ``labelmap`` (same grid, e.g. the effect's modifier labelmap).
+def paint_labelmap(labelmap: slicer.vtkOrientedImageData, mask: np.ndarray, ijk_to_frame: np.ndarray) -> list[int] | None:
+    """Make ``labelmap`` (e.g. the effect's modifier labelmap) hold ``mask``, on its own grid.
+
+    Args:
+        labelmap: target; keeps its geometry and extent, gets 1 where the mask is, 0 elsewhere.
+        mask: (K, J, I) on the grid ``ijk_to_frame`` (ijk -> the labelmap's frame).
 
     Returns:
-        The modified extent in the labelmap's own extent coordinates, None when the mask is empty.
+        The extent [i0, i1, j0, j1, k0, k1] of the painted voxels in the labelmap's extent
+        coordinates, None when nothing was painted.
     """
+    image = mask_to_oriented_image(mask, ijk_to_frame)
+    # Nearest-neighbour resampling; an exact copy when both grids are the same.
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(image, labelmap, labelmap):
+        raise BridgeError("could not resample the mask to the segmentation's grid; see the application log")
     extent = labelmap.GetExtent()
     shape_kji = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
-    if tuple(mask.shape) != shape_kji:
-        raise BridgeError(
-            f"mask shape {tuple(mask.shape)} does not match the labelmap grid {shape_kji}: "
-            "the segmentation geometry changed; re-activate the effect"
-        )
-    scalars = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())
-    scalars[:] = (np.asarray(mask) != 0).ravel()
-    labelmap.Modified()
-    return nonzero_extent(mask, (extent[0], extent[2], extent[4]))
+    painted = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(shape_kji)
+    return nonzero_extent(painted, (extent[0], extent[2], extent[4]))
 
 
 def write_mask_to_segment(
@@ -281,11 +288,10 @@ def write_mask_to_segment(
         raise BridgeError(f"mask shape {tuple(mask.shape)} differs from the volume's {volume.shape_kji}")
     if segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
         raise BridgeError(f"segment '{segment_id}' does not exist in '{segmentation_node.GetName()}'")
-    world_to_segmentation = np.linalg.inv(local_to_world(segmentation_node.GetParentTransformNode()))
-    image = mask_to_oriented_image(mask, world_to_segmentation @ volume.geometry.ijk_to_ras_matrix())
-    extent = nonzero_extent(mask) or [0, -1, 0, -1, 0, -1]
+    image = mask_to_oriented_image(mask, ijk_to_node_frame(volume, segmentation_node))
+    # Replace over the whole grid: a smaller extent would keep old voxels outside it.
     ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
         image, segmentation_node, segment_id,
-        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE, extent)
+        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE, list(image.GetExtent()))
     if not ok:
         raise BridgeError(f"Slicer refused to write segment '{segment_id}'; see the application log")

@@ -127,6 +127,11 @@ class SegmentationSession:
         self._propagator: Propagator | None = None
         self._propagator_key: tuple | None = None
 
+    def set_rules(self, rules: StopRules) -> None:
+        """Use new stop rules from the next run on (earlier walks are recomputed)."""
+        if rules != self.rules:
+            self.rules, self._propagator, self._propagator_key = rules, None, None
+
     def set_axis(self, axis: int) -> bool:
         """Segment along numpy ``axis`` from now on; True when that changed it (results reset)."""
         if axis == self.axis:

@@ -6,8 +6,9 @@ One thread for the whole session, not one per job: PyTorch's cuDNN autotuning ca
 per-thread, and one thread serialises access to the model without locks.
 
 Re-entry: at most one job runs. A new :meth:`request` while one runs replaces any job still waiting
-(only the latest live preview matters); :meth:`start` refuses instead (long jobs such as
-propagation must not be silently dropped or stacked).
+(only the latest live preview matters) and asks a running *background* job (embedding slices
+ahead of time) to stop, so prompts never wait behind it; :meth:`start` refuses instead (long jobs
+such as propagation must not be silently dropped or stacked).
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ class Job:
             writes ``job.progress``.
         cancel: set by the main thread to ask the job to stop at its next check.
         progress: (done, total) written by the worker; plain tuple assignment, read any time.
+        background: the job only prepares ahead of time and yields to any :meth:`request`.
     """
 
     name: str
     function: Callable[["Job"], Any]
     cancel: threading.Event = field(default_factory=threading.Event)
     progress: tuple[int, int] = (0, 0)
+    background: bool = False
     future: Future | None = None
 
 
@@ -55,6 +58,11 @@ class InferenceWorker:
         return self._running is not None
 
     @property
+    def idle(self) -> bool:
+        """Nothing running and nothing waiting (results of a finished job are collected)."""
+        return self._running is None and self._waiting is None
+
+    @property
     def running(self) -> Job | None:
         return self._running
 
@@ -68,6 +76,8 @@ class InferenceWorker:
         """Run ``job`` now if idle, else after the running one, replacing any job already waiting."""
         if self._running is None:
             return self._launch(job)
+        if self._running.background:
+            self._running.cancel.set()
         self._waiting = job
         return job
 

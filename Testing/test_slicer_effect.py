@@ -1,0 +1,348 @@
+"""The module and the Segment Editor effect, outside Slicer.
+
+Slicer's Qt layer (qt, ctk, the Segment Editor's C++ effect adaptor, slice widgets) is absent from
+the slicer-core wheel, so it is stubbed here, and only it: MRML, segmentations, markups, the
+bridge, the session and the worker are real. The stub effect adaptor implements the few
+``qSlicerSegmentEditorAbstractEffect`` calls the effect makes with the real MRML objects Slicer
+would hand it (the source image in the segmentation's grid, a modifier labelmap on that grid),
+and a stub slice view maps view pixels to RAS through a real vtkMRMLSliceNode.
+
+The effect is then driven as a user would: click, drag, an oblique view, propagate, apply. A
+stand-in model (shared with the Slicer self-test) thresholds the slice it is given, so the
+expected voxels are the bright ball's.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install slicer-core)")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the 'slicer' module found has no MRML (not slicer-core)", allow_module_level=True)
+import vtk  # noqa: E402
+
+MODULE_DIR = Path(__file__).resolve().parents[1] / "UltraSamSlicer"
+sys.path[:0] = [str(MODULE_DIR), str(MODULE_DIR / "Testing" / "Python")]
+from slicer_test_fakes import ThresholdModel, ball  # noqa: E402
+from UltraSamSlicerLib import mrml_bridge  # noqa: E402
+
+SHAPE = (12, 16, 18)
+IJK_TO_LOCAL = np.array([[0.0, -0.8, 0.0, 4.0], [0.6, 0.0, 0.3, -2.0], [0.0, 0.0, 1.2, 5.0], [0, 0, 0, 1]])
+IJK_TO_LOCAL[:3, :3] = np.linalg.qr(IJK_TO_LOCAL[:3, :3])[0] * [0.6, 0.8, 1.2]  # oblique, anisotropic
+PARENT = np.array([[np.cos(0.4), 0, np.sin(0.4), 3.0], [0, 1, 0, -1.0], [-np.sin(0.4), 0, np.cos(0.4), 2.0], [0, 0, 0, 1]])
+CENTER_KJI = np.array([6, 8, 9])
+RESERVED_KEYS = set("0123456789zZyYqQwWiI/*,.<>") | {"Escape", "space"}
+
+
+class StubEffectBase:
+    """Stand-in for SegmentEditorEffects.AbstractScriptedSegmentEditorEffect (Qt-side Slicer code)."""
+
+    def __init__(self, scriptedEffect):
+        self.scriptedEffect = scriptedEffect
+
+    def xyToRas(self, xy, viewWidget):
+        return viewWidget.xyToRas(xy)
+
+
+class StubAdaptor:
+    """The qSlicerSegmentEditorAbstractEffect calls the effect makes, on real MRML objects."""
+
+    NotConfirmed, ConfirmedWithoutDialog, ConfirmedWithDialog = 0, 1, 2
+
+    def __init__(self, editorNode, sourceImage):
+        self.editorNode, self.sourceImage = editorNode, sourceImage
+        self.references, self.undoStates, self.modifications = {}, 0, []
+
+    def parameterSetNode(self):
+        return self.editorNode
+
+    def sourceVolumeImageData(self):
+        return self.sourceImage
+
+    def defaultModifierLabelmap(self):
+        labelmap = slicer.vtkOrientedImageData()
+        labelmap.SetExtent(self.sourceImage.GetExtent())
+        labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        labelmap.GetPointData().GetScalars().Fill(0)
+        labelmap.CopyDirections(self.sourceImage)
+        labelmap.SetSpacing(self.sourceImage.GetSpacing())
+        labelmap.SetOrigin(self.sourceImage.GetOrigin())
+        return labelmap
+
+    def saveStateForUndo(self):
+        self.undoStates += 1
+
+    def modifySelectedSegmentByLabelmap(self, modifier, mode):
+        array = vtk.util.numpy_support.vtk_to_numpy(modifier.GetPointData().GetScalars())
+        self.modifications.append((array.reshape(SHAPE).copy(), mode))
+
+    def confirmCurrentSegmentVisible(self):
+        return self.ConfirmedWithoutDialog
+
+    def nodeReference(self, name):
+        return self.references.get(name)
+
+    def setNodeReference(self, name, node):
+        self.references[name] = node
+
+    def __getattr__(self, name):  # widgets, actors, renders: nothing to check there
+        return mock.MagicMock(name=name)
+
+
+class StubSliceView:
+    """A slice view: view pixel xy -> RAS through its real slice node's SliceToRAS (0.5 mm pixels)."""
+
+    def __init__(self, sliceToRas):
+        self.node = slicer.vtkMRMLSliceNode()
+        self.node.GetSliceToRAS().DeepCopy(mrml_bridge.numpy_to_matrix(sliceToRas))
+
+    def className(self):
+        return "qMRMLSliceWidget"
+
+    def mrmlSliceNode(self):
+        return self.node
+
+    def xyToRas(self, xy):
+        matrix = mrml_bridge.matrix_to_numpy(self.node.GetSliceToRAS())
+        return (matrix @ [0.5 * xy[0], 0.5 * xy[1], 0.0, 1.0])[:3].tolist()
+
+    def xyOf(self, ras):
+        matrix = mrml_bridge.matrix_to_numpy(self.node.GetSliceToRAS())
+        local = np.linalg.inv(matrix) @ np.append(ras, 1.0)
+        return (int(round(local[0] / 0.5)), int(round(local[1] / 0.5)))
+
+
+def interactor(xy, control=False, key=""):
+    return types.SimpleNamespace(GetEventPosition=lambda: xy, GetShiftKey=lambda: 0, GetAltKey=lambda: 0,
+                                 GetControlKey=lambda: int(control), GetKeySym=lambda: key)
+
+
+@pytest.fixture
+def qt_layer(monkeypatch):
+    """Stub the modules and slicer attributes that only exist inside the Slicer application."""
+    for name in ("qt", "ctk", "qSlicerSegmentationsEditorEffectsPythonQt"):
+        if importlib.util.find_spec(name) is None:
+            monkeypatch.setitem(sys.modules, name, mock.MagicMock(name=name))
+    if importlib.util.find_spec("SegmentEditorEffects") is None:
+        monkeypatch.setitem(sys.modules, "SegmentEditorEffects",
+                            types.SimpleNamespace(AbstractScriptedSegmentEditorEffect=StubEffectBase))
+    if importlib.util.find_spec("slicer.ScriptedLoadableModule") is None:
+        base = type("Base", (), {"__init__": lambda self, *args: setattr(self, "parent", args[0] if args else None)})
+        stub = types.ModuleType("slicer.ScriptedLoadableModule")
+        for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleWidget",
+                     "ScriptedLoadableModuleTest"):
+            setattr(stub, name, type(name, (base,), {}))
+        monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", stub)
+    abstract = types.SimpleNamespace(ModificationModeSet=0, ModificationModeAdd=1)
+    for name, value in (("app", mock.MagicMock(name="app")), ("qMRMLNodeComboBox", mock.MagicMock),
+                        ("qSlicerSegmentEditorAbstractEffect", abstract)):
+        if not hasattr(slicer, name):
+            monkeypatch.setattr(slicer, name, value, raising=False)
+    monkeypatch.setattr(slicer.util, "showStatusMessage", lambda *args: None)
+    for name in ("UltraSamSlicer", "UltraSamSlicerLib.SegmentEditorEffect"):
+        sys.modules.pop(name, None)
+    yield
+    for name in ("UltraSamSlicer", "UltraSamSlicerLib.SegmentEditorEffect"):
+        sys.modules.pop(name, None)
+
+
+def test_module_imports_and_registers_at_startup_only(qt_layer):
+    module = importlib.import_module("UltraSamSlicer")
+    slicer.app.reset_mock()
+    module.UltraSamSlicer(mock.MagicMock())
+    connected = [call.args for call in slicer.app.connect.call_args_list]
+    assert connected == [("startupCompleted()", module.registerEffect), ("startupCompleted()", module.registerSampleData)]
+    assert module.EFFECT_SOURCE.is_file() and module.SAMPLE_FILE.is_file()
+    import hashlib
+
+    assert hashlib.sha256(module.SAMPLE_FILE.read_bytes()).hexdigest() == module.SAMPLE_SHA256
+
+
+@pytest.fixture
+def scene(qt_layer, monkeypatch):
+    scene = slicer.vtkMRMLScene()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    yield scene
+    scene.Clear(1)
+
+
+@pytest.fixture
+def effect(scene):
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ball")
+    inside = ball(SHAPE, CENTER_KJI, 3.3)  # slices 3..9
+    slicer.util.updateVolumeFromArray(volume, np.where(inside, 200.0, 10.0).astype(np.float32))
+    volume.SetIJKToRASMatrix(mrml_bridge.numpy_to_matrix(IJK_TO_LOCAL))
+    parent = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    parent.SetMatrixTransformToParent(mrml_bridge.numpy_to_matrix(PARENT))
+    volume.SetAndObserveTransformNodeID(parent.GetID())
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.GetSegmentation().AddEmptySegment("object", "object")
+    editorNode = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editorNode.SetAndObserveSegmentationNode(segmentation)
+    editorNode.SetAndObserveSourceVolumeNode(volume)
+    editorNode.SetSelectedSegmentID("object")
+    image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(volume)
+
+    from UltraSamSlicerLib.session import SegmentationSession
+
+    module = importlib.import_module("UltraSamSlicerLib.SegmentEditorEffect")
+    effect = module.SegmentEditorEffect(StubAdaptor(editorNode, image))
+    effect.setupOptionsFrame()
+    # The option widgets as a user left them (qt is stubbed, so give them real values).
+    effect.directionCombo = types.SimpleNamespace(currentText="both")
+    effect.rangeCheck = types.SimpleNamespace(checked=False)
+    effect.minIouSpin = types.SimpleNamespace(value=0.5)
+    effect.applyModeCombo = types.SimpleNamespace(currentData=slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd)
+    effect.pointsSelector = effect.roiSelector = types.SimpleNamespace(currentNode=lambda: None)
+    effect.sessionFactory = lambda volume: SegmentationSession(volume, None, slice_predictor=ThresholdModel)
+    effect.activate()
+    settle(effect)
+    assert effect.session is not None
+    yield effect
+    effect.deactivate()
+
+
+def settle(effect):
+    """Run the worker's jobs to the end, polling from the 'main thread' like the effect's timer."""
+    import time
+
+    for _ in range(1000):
+        effect.onPoll()
+        if effect.worker is None or effect.worker.idle:
+            return
+        time.sleep(0.005)
+    raise AssertionError("the effect's worker did not settle")
+
+
+def world_of_kji(kji) -> np.ndarray:
+    kji = np.atleast_2d(kji)
+    ijk1 = np.c_[kji[:, ::-1], np.ones(len(kji))]
+    return (ijk1 @ (PARENT @ IJK_TO_LOCAL).T)[:, :3]
+
+
+def plane_view(axis: int, index: int) -> StubSliceView:
+    """A view showing slice ``index`` along numpy ``axis`` (its normal is that voxel axis in world)."""
+    ijk_to_world = PARENT @ IJK_TO_LOCAL
+    normal_column = 2 - axis
+    x, y = (ijk_to_world[:3, c] / np.linalg.norm(ijk_to_world[:3, c]) for c in range(3) if c != normal_column)
+    normal = np.cross(x, y)
+    kji = [0, 0, 0]
+    kji[axis] = index
+    return StubSliceView(np.r_[np.c_[x, y, normal, world_of_kji(kji)[0]], [[0, 0, 0, 1]]])
+
+
+def k_plane_view(k: int) -> StubSliceView:
+    return plane_view(0, k)
+
+
+def click(effect, view, xy, control=False):
+    for event in (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonReleaseEvent):
+        assert effect.processInteractionEvents(interactor(xy, control), event, view)
+    effect.runPrompts()  # what the coalescing timer does in Slicer
+    settle(effect)
+
+
+def preview_kji(effect, scene) -> set:
+    node = effect.previewNode()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue("UltraSamPreview")
+    reference = effect.scriptedEffect.editorNode.GetSourceVolumeNode()
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(node, ids, labelmap, reference)
+    return set(map(tuple, np.argwhere(slicer.util.arrayFromVolume(labelmap) > 0)))
+
+
+def ball_voxels(slices) -> set:
+    return {tuple(p) for p in np.argwhere(ball(SHAPE, CENTER_KJI, 3.3)) if p[0] in slices}
+
+
+def test_click_shows_the_slice_preview_then_propagate_and_apply_once(effect, scene):
+    view = k_plane_view(6)
+    click(effect, view, view.xyOf(world_of_kji(CENTER_KJI)[0]))
+    assert preview_kji(effect, scene) == ball_voxels({6})
+    assert effect.scriptedEffect.modifications == []  # nothing reaches the segment before Apply
+
+    assert effect.onKey("p")  # propagate
+    settle(effect)
+    assert preview_kji(effect, scene) == ball_voxels(range(3, 10))
+
+    effect.onApply()
+    adaptor = effect.scriptedEffect
+    assert adaptor.undoStates == 1 and len(adaptor.modifications) == 1
+    painted, mode = adaptor.modifications[0]
+    assert mode == slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd
+    assert set(map(tuple, np.argwhere(painted))) == ball_voxels(range(3, 10))
+    assert effect.previewNode() is None and effect.promptNode(True).GetNumberOfControlPoints() == 0
+
+
+def test_reprompting_after_propagation_reruns_from_the_new_prompt(effect, scene):
+    view = k_plane_view(6)
+    click(effect, view, view.xyOf(world_of_kji(CENTER_KJI)[0]))
+    effect.onPropagate()
+    settle(effect)
+    first = preview_kji(effect, scene)
+    other = k_plane_view(8)
+    click(effect, other, other.xyOf(world_of_kji([8, 8, 9])[0]))
+    assert effect.propagated and preview_kji(effect, scene) == first  # same object, both keys agree
+    assert effect.onKey("BackSpace")
+    settle(effect)
+    assert effect.promptNode(True).GetNumberOfControlPoints() == 1
+
+
+def test_drag_makes_a_box_on_the_viewed_slice(effect, scene):
+    view = k_plane_view(5)
+    start, end = view.xyOf(world_of_kji([5, 5, 6])[0]), view.xyOf(world_of_kji([5, 11, 12])[0])
+    effect.processInteractionEvents(interactor(start), vtk.vtkCommand.LeftButtonPressEvent, view)
+    effect.processInteractionEvents(interactor(end), vtk.vtkCommand.MouseMoveEvent, view)
+    effect.processInteractionEvents(interactor(end), vtk.vtkCommand.LeftButtonReleaseEvent, view)
+    assert list(effect.boxes) == [(0, 5)]
+    effect.runPrompts()
+    settle(effect)
+    assert preview_kji(effect, scene) == ball_voxels({5})
+
+
+def test_segmenting_follows_the_axis_of_the_view_clicked(effect, scene):
+    view = plane_view(1, 7)  # a j slice
+    click(effect, view, view.xyOf(world_of_kji([6, 7, 9])[0]))
+    assert effect.axis == 1
+    expected = {p for p in ball_voxels(range(SHAPE[0])) if p[1] == 7}
+    assert preview_kji(effect, scene) == expected
+
+
+def test_oblique_view_adds_no_prompt_and_says_why(effect, scene):
+    view = k_plane_view(6)
+    tilt = vtk.vtkTransform()
+    tilt.RotateX(3.0)
+    sliceToRas = mrml_bridge.matrix_to_numpy(view.node.GetSliceToRAS()) @ mrml_bridge.matrix_to_numpy(tilt.GetMatrix())
+    view.node.GetSliceToRAS().DeepCopy(mrml_bridge.numpy_to_matrix(sliceToRas))
+    effect.processInteractionEvents(interactor((20, 20)), vtk.vtkCommand.LeftButtonPressEvent, view)
+    effect.processInteractionEvents(interactor((20, 20)), vtk.vtkCommand.LeftButtonReleaseEvent, view)
+    assert effect.promptNode(True).GetNumberOfControlPoints() == 0
+    assert "Align views" in effect.statusLabel.text
+
+
+def test_effect_keys_leave_the_segment_editors_own_alone(effect):
+    for key in RESERVED_KEYS:
+        assert not effect.onKey(key)
+    assert not effect.processInteractionEvents(interactor((0, 0), key="z"), vtk.vtkCommand.KeyPressEvent,
+                                               k_plane_view(6))
+
+
+def test_a_prompt_outside_the_volume_is_reported_not_raised(effect, scene):
+    view = k_plane_view(6)
+    outside = world_of_kji([6, 8, 9])[0] + 50 * (PARENT @ IJK_TO_LOCAL)[:3, 0]
+    effect.promptNode(True).AddControlPointWorld(vtk.vtkVector3d(*outside))
+    effect.runPrompts()
+    settle(effect)
+    assert "outside the volume" in effect.statusLabel.text
+    assert view is not None

@@ -1,0 +1,341 @@
+"""UltraSam module: model settings, dependency install, sample data; registers the Segment Editor effect.
+
+Nothing heavy happens when Slicer starts or the module opens: the effect and the sample data are
+registered at ``startupCompleted()``; torch and segment-anything are installed only when the user
+asks (one confirmation, never a dialog in testing mode); the model is loaded by the effect on its
+worker thread the first time it segments.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import ctk
+import qt
+import slicer
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+
+from UltraSamSlicerLib.models import DEVICES, OFFICIAL, PRECISIONS, ModelSettings, missing_requirements, shared_manager
+from UltraSamSlicerLib.worker import InferenceWorker, Job
+
+MODULE_DIR = Path(__file__).resolve().parent
+EFFECT_SOURCE = MODULE_DIR / "UltraSamSlicerLib" / "SegmentEditorEffect.py"
+SETTINGS_PREFIX = "UltraSam/"
+
+# RESECT case 3 (Xiao et al., Med Phys 2017, CC BY 4.0), shipped in the core's data folder.
+SAMPLE_NAME = "UltraSamRESECTCase3"
+SAMPLE_FILE = MODULE_DIR / "ultrasam" / "data" / "RESECT_Case3.nii.gz"
+SAMPLE_SHA256 = "e2c9da2b9f9d4d9b2af19b3bb8de5403c52cb57b6467f5ab0ff7fbdd8e6628a2"
+
+
+class UltraSamSlicer(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "UltraSam"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = ["Segmentations", "SampleData"]
+        self.parent.contributors = ["UltraSamSlicer developers"]
+        self.parent.helpText = (
+            "Interactive segmentation of ultrasound with UltraSam (SAM ViT-B trained on US-43d). "
+            "Choose the model and device here, then use the <b>UltraSam</b> effect in the Segment Editor."
+        )
+        self.parent.acknowledgementText = (
+            "UltraSam: Meyer et al., arXiv 2411.16222 (weights CC BY-NC-SA 4.0). Segment Anything: Kirillov et "
+            "al., ICCV 2023. Sample volume: RESECT, Xiao et al., Med Phys 2017 (CC BY 4.0)."
+        )
+        slicer.app.connect("startupCompleted()", registerEffect)
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerEffect() -> None:
+    """Register the Segment Editor effect (the pattern of Slicer's ScriptedSegmentEditorEffect template)."""
+    import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+    instance = effects.qSlicerSegmentEditorScriptedEffect(None)
+    instance.setPythonSource(str(EFFECT_SOURCE).replace("\\", "/"))
+    instance.self().register()
+
+
+def registerSampleData() -> None:
+    """Add the RESECT volume to the Sample Data module (a local file URI, verified by SHA256)."""
+    import SampleData
+
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="Ultrasound",
+        sampleName=SAMPLE_NAME,
+        uris=SAMPLE_FILE.as_uri(),
+        fileNames=SAMPLE_FILE.name,
+        nodeNames="RESECT_Case3",
+        thumbnailFileName=str(MODULE_DIR / "Resources" / "Icons" / "UltraSamSlicer.png"),
+        loadFileTypes="VolumeFile",
+        checksums=f"SHA256:{SAMPLE_SHA256}",
+    )
+
+
+class UltraSamSlicerLogic(ScriptedLoadableModuleLogic):
+    """Settings in QSettings, dependency install, weights download; no widgets."""
+
+    @staticmethod
+    def modelSettings() -> ModelSettings:
+        value = slicer.util.settingsValue
+        return ModelSettings(
+            checkpoint=value(SETTINGS_PREFIX + "Checkpoint", OFFICIAL),
+            device=value(SETTINGS_PREFIX + "Device", "auto"),
+            precision=value(SETTINGS_PREFIX + "Precision", "auto"),
+            cache_gib=value(SETTINGS_PREFIX + "CacheGiB", 2.0, converter=float),
+            cache_dir=UltraSamSlicerLogic.weightsFolder(),
+        )
+
+    @staticmethod
+    def saveModelSettings(settings: ModelSettings) -> None:
+        store = qt.QSettings()
+        store.setValue(SETTINGS_PREFIX + "Checkpoint", settings.checkpoint)
+        store.setValue(SETTINGS_PREFIX + "Device", settings.device)
+        store.setValue(SETTINGS_PREFIX + "Precision", settings.precision)
+        store.setValue(SETTINGS_PREFIX + "CacheGiB", settings.cache_gib)
+
+    @staticmethod
+    def weightsFolder() -> str:
+        """Downloaded weights live in Slicer's cache folder, never in the module folder."""
+        return os.path.join(slicer.app.cachePath, "UltraSam")
+
+    @staticmethod
+    def installDependencies() -> bool:
+        """Install what is missing after one confirmation; True when everything is importable.
+
+        torch comes from SlicerPyTorch's ``PyTorchUtils`` (CUDA build matching the driver), the
+        rest from ``slicer.util.pip_install`` with pinned versions. In testing mode nothing is
+        asked or installed.
+        """
+        missing = missing_requirements()
+        if not missing:
+            return True
+        if slicer.app.testingEnabled():
+            logging.warning(f"UltraSam: missing {missing}; not installing in testing mode")
+            return False
+        if not slicer.util.confirmOkCancelDisplay(
+            "UltraSam needs these Python packages:\n\n  " + "\n  ".join(missing)
+            + "\n\nInstall them now? PyTorch is large; this can take several minutes.",
+            windowTitle="Install UltraSam dependencies",
+        ):
+            return False
+        with slicer.util.tryWithErrorDisplay("Installing UltraSam's dependencies failed.", waitCursor=True):
+            if any(requirement.startswith("torch") for requirement in missing):
+                try:
+                    import PyTorchUtils
+                except ImportError:
+                    raise RuntimeError("the PyTorch extension is missing: install 'PyTorch' from the Extensions Manager")
+                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=">=2.1") is None:
+                    return False
+            rest = [requirement for requirement in missing_requirements() if not requirement.startswith("torch")]
+            if rest:
+                slicer.util.pip_install(rest)
+        return not missing_requirements()
+
+
+class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
+    """Model choice, device, precision, cache size, weights download, dependency check."""
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        self.logic = UltraSamSlicerLogic()
+        self.worker = InferenceWorker()
+        self.timer = qt.QTimer()
+        self.timer.setInterval(200)
+        self.timer.connect("timeout()", self.onPoll)
+
+        model = ctk.ctkCollapsibleButton()
+        model.text = "Model"
+        self.layout.addWidget(model)
+        form = qt.QFormLayout(model)
+        self.sourceCombo = qt.QComboBox()
+        self.sourceCombo.addItem("UltraSam (official weights)", OFFICIAL)
+        self.sourceCombo.addItem("Checkpoint file (UltraSam, SAM ViT-B, MedSAM, trained here)", "file")
+        form.addRow("Weights:", self.sourceCombo)
+        self.pathEdit = ctk.ctkPathLineEdit()
+        self.pathEdit.filters = ctk.ctkPathLineEdit.Files
+        self.pathEdit.nameFilters = ["Checkpoints (*.pth *.pt *.ckpt)", "All files (*)"]
+        self.pathEdit.settingKey = SETTINGS_PREFIX + "RecentCheckpoints"
+        form.addRow("Checkpoint:", self.pathEdit)
+        self.downloadButton = qt.QPushButton("Download UltraSam weights (375 MB)")
+        self.downloadButton.toolTip = "Downloads once into Slicer's cache folder; resumes if interrupted."
+        form.addRow(self.downloadButton)
+        self.deviceCombo = qt.QComboBox()
+        self.deviceCombo.addItems(list(DEVICES))
+        form.addRow("Device:", self.deviceCombo)
+        self.precisionCombo = qt.QComboBox()
+        self.precisionCombo.addItems(list(PRECISIONS))
+        self.precisionCombo.toolTip = "auto: bf16 image encoder on GPUs that support it (masks within 1% IoU of fp32)."
+        form.addRow("Precision:", self.precisionCombo)
+        self.cacheSpin = qt.QDoubleSpinBox()
+        self.cacheSpin.setRange(0.25, 64.0)
+        self.cacheSpin.setSingleStep(0.5)
+        self.cacheSpin.suffix = " GiB"
+        self.cacheSpin.toolTip = "Memory for slice embeddings (about 4 MiB per slice); as much again twice in CPU memory."
+        form.addRow("Embedding cache:", self.cacheSpin)
+        self.loadButton = qt.QPushButton("Load model now")
+        form.addRow(self.loadButton)
+        self.statusLabel = qt.QLabel()
+        self.statusLabel.wordWrap = True
+        form.addRow(self.statusLabel)
+
+        dependencies = ctk.ctkCollapsibleButton()
+        dependencies.text = "Dependencies"
+        self.layout.addWidget(dependencies)
+        dependencyForm = qt.QFormLayout(dependencies)
+        self.dependencyLabel = qt.QLabel()
+        self.dependencyLabel.wordWrap = True
+        dependencyForm.addRow(self.dependencyLabel)
+        self.installButton = qt.QPushButton("Install missing packages...")
+        dependencyForm.addRow(self.installButton)
+
+        self.editorButton = qt.QPushButton("Segment with UltraSam (opens the Segment Editor)")
+        self.layout.addWidget(self.editorButton)
+        self.layout.addStretch(1)
+
+        self.updateGUIFromSettings()
+        for signal, widget in (("currentIndexChanged(int)", self.sourceCombo), ("currentPathChanged(QString)", self.pathEdit),
+                               ("currentIndexChanged(int)", self.deviceCombo), ("currentIndexChanged(int)", self.precisionCombo),
+                               ("valueChanged(double)", self.cacheSpin)):
+            widget.connect(signal, self.onSettingsChanged)
+        self.downloadButton.connect("clicked()", self.onDownload)
+        self.loadButton.connect("clicked()", self.onLoadModel)
+        self.installButton.connect("clicked()", self.onInstall)
+        self.editorButton.connect("clicked()", self.onOpenEditor)
+
+    def cleanup(self):
+        self.timer.stop()
+        self.worker.shutdown()
+
+    def updateGUIFromSettings(self):
+        settings = self.logic.modelSettings()
+        isOfficial = settings.checkpoint == OFFICIAL
+        for widget in (self.sourceCombo, self.pathEdit, self.deviceCombo, self.precisionCombo, self.cacheSpin):
+            widget.blockSignals(True)
+        self.sourceCombo.currentIndex = 0 if isOfficial else 1
+        if not isOfficial:
+            self.pathEdit.currentPath = settings.checkpoint
+        self.deviceCombo.currentIndex = max(0, self.deviceCombo.findText(settings.device))
+        self.precisionCombo.currentIndex = max(0, self.precisionCombo.findText(settings.precision))
+        self.cacheSpin.value = settings.cache_gib
+        for widget in (self.sourceCombo, self.pathEdit, self.deviceCombo, self.precisionCombo, self.cacheSpin):
+            widget.blockSignals(False)
+        self.pathEdit.enabled = not isOfficial
+        self.downloadButton.enabled = isOfficial and not self.worker.busy
+        missing = missing_requirements()
+        self.dependencyLabel.text = ("All Python packages are installed." if not missing
+                                     else "Missing: " + ", ".join(missing))
+        self.installButton.enabled = bool(missing)
+        self.statusLabel.text = self.weightsStatus(settings)
+
+    def weightsStatus(self, settings: ModelSettings) -> str:
+        manager = shared_manager()
+        try:
+            path = settings.checkpoint_path()
+        except FileNotFoundError as error:
+            return str(error)
+        return f"Loaded: {manager.description}" if manager.description else f"Ready to load {path}"
+
+    def onSettingsChanged(self, *unused):
+        official = self.sourceCombo.currentData == OFFICIAL
+        self.logic.saveModelSettings(ModelSettings(
+            checkpoint=OFFICIAL if official else self.pathEdit.currentPath,
+            device=self.deviceCombo.currentText,
+            precision=self.precisionCombo.currentText,
+            cache_gib=self.cacheSpin.value,
+        ))
+        self.updateGUIFromSettings()
+
+    def onInstall(self):
+        self.logic.installDependencies()
+        self.updateGUIFromSettings()
+
+    def onDownload(self):
+        if not self.logic.installDependencies():
+            return
+        from ultrasam.download import OFFICIAL_NAME, download_official_weights
+
+        folder = self.logic.weightsFolder()
+        self.partialFile = Path(folder) / (OFFICIAL_NAME + ".part")
+        self.worker.start(Job("download", lambda job: download_official_weights(folder, progress=False)))
+        self.downloadButton.enabled = False
+        self.timer.start()
+
+    def onLoadModel(self):
+        if not self.logic.installDependencies():
+            return
+        settings = self.logic.modelSettings()
+        self.partialFile = None
+        self.worker.start(Job("load", lambda job: shared_manager().cache(settings)))
+        self.statusLabel.text = "Loading the model..."
+        self.timer.start()
+
+    def onPoll(self):
+        """Main thread: report download progress (size of the partial file) and finished jobs."""
+        finished = self.worker.poll()
+        if finished is None:
+            if self.partialFile is not None and self.partialFile.exists():
+                self.statusLabel.text = f"Downloading: {self.partialFile.stat().st_size / 2**20:.0f} MB of about 375 MB"
+            return
+        self.timer.stop()
+        job, _, error = finished
+        self.updateGUIFromSettings()
+        if error is not None:
+            self.statusLabel.text = f"{job.name} failed: {error}"
+            logging.error(f"UltraSam {job.name} failed: {error}")
+
+    def onOpenEditor(self):
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setActiveEffectByName("UltraSam")
+
+
+class UltraSamSlicerTest(ScriptedLoadableModuleTest):
+    """Module self-test: registration, settings round trip, dependency check without dialogs, sample data.
+    The effect is tested in UltraSamSlicerLib/SegmentEditorEffectTest.py."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear(0)
+
+    def runTest(self):
+        self.setUp()
+        self.test_effect_registered()
+        self.test_settings_round_trip()
+        self.test_dependency_check_is_silent_in_testing()
+        self.test_sample_data_loads_with_checksum()
+
+    def test_effect_registered(self):
+        editor = slicer.qMRMLSegmentEditorWidget()
+        editor.setMRMLScene(slicer.mrmlScene)
+        editor.setMRMLSegmentEditorNode(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode"))
+        self.assertIsNotNone(editor.effectByName("UltraSam"))
+
+    def test_settings_round_trip(self):
+        logic = UltraSamSlicerLogic()
+        before = logic.modelSettings()
+        try:
+            wanted = ModelSettings(checkpoint="/tmp/model.pth", device="cpu", precision="float32", cache_gib=1.5,
+                                   cache_dir=before.cache_dir)
+            logic.saveModelSettings(wanted)
+            self.assertEqual(logic.modelSettings(), wanted)
+        finally:
+            logic.saveModelSettings(before)
+
+    def test_dependency_check_is_silent_in_testing(self):
+        self.assertTrue(slicer.app.testingEnabled())
+        # Returns at once, without a dialog: True only when nothing is missing.
+        self.assertEqual(UltraSamSlicerLogic.installDependencies(), not missing_requirements())
+
+    def test_sample_data_loads_with_checksum(self):
+        import SampleData
+
+        node = SampleData.downloadSample(SAMPLE_NAME)
+        self.assertIsNotNone(node)
+        self.assertEqual(node.GetImageData().GetDimensions(), (256, 256, 288))
