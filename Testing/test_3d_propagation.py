@@ -196,3 +196,36 @@ def test_without_propagation_only_key_slices_are_segmented():
 def test_key_slice_outside_the_stack_is_refused():
     with pytest.raises(IndexError, match="outside"):
         Propagator(ScriptedPredictor((4, 4), {}), 5).run({5: Prompt2D(points_xy=[[1, 1]], labels=[1])})
+
+
+@needs_mrus3d
+def test_span_limits_the_walks_and_widening_it_only_computes_the_new_slices():
+    volume, gland = read_prostate("obs005.nii.gz")
+    slices = VolumeSlices(volume, 1)
+    extent = occupied(gland, 1)
+    middle = extent[len(extent) // 2]
+    points = inner_point_ras(slices, gland, middle)
+    prompts = slice_prompts(slices, VolumePrompts(points, [1], frame="ras"))
+    fake = TruthPredictor(slices, gland)
+    propagator = Propagator(fake, slices.num_slices)
+    narrow = propagator.run(prompts, span=(middle - 3, middle + 5))
+    assert sorted(narrow.masks()) == list(range(middle - 3, middle + 6))
+    assert [w.end for w in narrow.walks] == [EDGE, EDGE]
+    fake.calls.clear()
+    wide = propagator.run(prompts)
+    assert fake.called_slices() == set(range(extent[0] - 1, middle - 3)) | set(range(middle + 6, extent[-1] + 2))
+    np.testing.assert_array_equal(slices.to_volume(wide.masks()), gland)
+    fake.calls.clear()
+    propagator.run(prompts, span=(middle - 3, middle + 5))  # narrowing again: trimmed, nothing computed
+    assert fake.calls == [] and sorted(propagator.result.masks()) == list(range(middle - 3, middle + 6))
+    with pytest.raises(IndexError, match="outside the slices"):
+        propagator.run(prompts, span=(middle + 1, middle + 5))
+
+
+def test_adjacent_key_slices_meet_without_a_gap():
+    table = {i: (square(10), 0.9) for i in range(10)}
+    prompt = Prompt2D(points_xy=[[10, 10]], labels=[1])
+    result = Propagator(ScriptedPredictor((40, 40), table), 10).run({0: prompt, 1: prompt})
+    ends = {(w.key, w.direction): (w.end, len(w.steps)) for w in result.walks}
+    assert ends == {(0, -1): (EDGE, 0), (0, 1): (MET, 0), (1, -1): (MET, 0), (1, 1): (EDGE, 8)}
+    assert sorted(result.masks()) == list(range(10))

@@ -101,7 +101,7 @@ class Walk:
     """Slices reached from one key slice in one direction (+1 or -1), nearest first.
 
     ``limit`` is the last slice it may reach; ``end`` says why it ended: a stop rule, EDGE (the
-    volume's edge) or MET (the next key slice's territory).
+    volume's edge, or the span's) or MET (the next key slice's territory).
     """
 
     key: int
@@ -172,6 +172,7 @@ class Propagator:
         prompts: Mapping[int, Prompt2D],
         should_cancel: Callable[[], bool] = lambda: False,
         on_slice: Callable[[SliceResult], None] = lambda result: None,
+        span: tuple[int, int] | None = None,
     ) -> PropagationResult:
         """Segment from ``prompts`` ({key slice index: prompt}), reusing what is still valid.
 
@@ -179,28 +180,31 @@ class Propagator:
             should_cancel: polled before every slice; True raises :class:`PropagationCancelled`
                 and keeps the previous result.
             on_slice: called after every newly segmented slice (progress reporting).
+            span: inclusive (first, last) slices walks may reach (default: the whole volume);
+                a walk reaching its end stops with EDGE.
         """
         if not prompts:
             raise ValueError("no key slice has a prompt; place a point, box or ROI on the volume first")
-        for index in prompts:
-            if not 0 <= index < self.num_slices:
-                raise IndexError(f"key slice {index} is outside 0..{self.num_slices - 1}")
-        step = _Stepper(self, should_cancel, on_slice)
+        first, last = (0, self.num_slices - 1) if span is None else (max(0, span[0]), min(self.num_slices - 1, span[1]))
+        outside = sorted(index for index in prompts if not first <= index <= last)
+        if outside:
+            raise IndexError(f"key slice(s) {outside} lie outside the slices {first}..{last} propagation may reach")
+        step = _Stepper(self, should_cancel, on_slice, (first, last))
         keys = {index: step.key(index, prompts[index]) for index in sorted(prompts)}
         walks = {}
         if self.propagate:
-            for (index, direction), limit in _territories(sorted(keys), self.num_slices).items():
+            for (index, direction), limit in _territories(sorted(keys), first, last).items():
                 walks[index, direction] = step.walk(keys[index], direction, limit)
         self._keys, self._walks = keys, walks
         return self.result
 
 
-def _territories(keys: Sequence[int], num_slices: int) -> dict[tuple[int, int], int]:
+def _territories(keys: Sequence[int], first: int, last: int) -> dict[tuple[int, int], int]:
     """{(key, direction): last slice that walk may reach}; ties between two keys go to the lower."""
     limits = {}
     for n, key in enumerate(keys):
-        limits[key, -1] = (keys[n - 1] + key) // 2 + 1 if n > 0 else 0
-        limits[key, +1] = (key + keys[n + 1]) // 2 if n + 1 < len(keys) else num_slices - 1
+        limits[key, -1] = (keys[n - 1] + key) // 2 + 1 if n > 0 else first
+        limits[key, +1] = (key + keys[n + 1]) // 2 if n + 1 < len(keys) else last
     return limits
 
 
@@ -211,6 +215,7 @@ class _Stepper:
     owner: Propagator
     should_cancel: Callable[[], bool]
     on_slice: Callable[[SliceResult], None]
+    span: tuple[int, int]
 
     def key(self, index: int, prompt: Prompt2D) -> KeyResult:
         previous = self.owner._keys.get(index)
@@ -229,14 +234,20 @@ class _Stepper:
         return self._extend(Walk(index, direction, limit, (), MET), key.result)
 
     def _reuse(self, walk: Walk, key: KeyResult, limit: int) -> Walk:
-        """Trim ``walk`` to a nearer ``limit``, or extend it from where it met its old one."""
+        """Trim ``walk`` to a nearer ``limit``, or extend it from where its old limit stopped it."""
         beyond = (lambda i: i > limit) if walk.direction > 0 else (lambda i: i < limit)
         if any(beyond(step.index) for step in walk.steps):
             kept = tuple(step for step in walk.steps if not beyond(step.index))
-            return Walk(walk.key, walk.direction, limit, kept, MET)  # a rejected step is never kept
-        if walk.end != MET or limit == walk.limit:
-            return replace(walk, limit=limit)
+            return Walk(walk.key, walk.direction, limit, kept, self._boundary(walk.direction, limit))  # kept are accepted
+        if walk.end not in (MET, EDGE):
+            return replace(walk, limit=limit)  # stopped by a rule inside the new limit
+        if limit == walk.limit:
+            return replace(walk, end=self._boundary(walk.direction, limit))
         return self._extend(replace(walk, limit=limit), walk.steps[-1] if walk.steps else key.result)
+
+    def _boundary(self, direction: int, limit: int) -> str:
+        """Why a walk in ``direction`` that reached ``limit`` ended there."""
+        return EDGE if limit == self.span[direction > 0] else MET
 
     def _extend(self, walk: Walk, last: SliceResult) -> Walk:
         """Continue ``walk`` past ``last``, its newest accepted slice (or its key slice)."""
@@ -255,8 +266,7 @@ class _Stepper:
             if stop is not None:
                 return replace(walk, steps=tuple(steps), end=stop)
             last, index = result, index + direction
-        at_edge = limit in (0, self.owner.num_slices - 1)
-        return replace(walk, steps=tuple(steps), end=EDGE if at_edge else MET)
+        return replace(walk, steps=tuple(steps), end=self._boundary(direction, limit))
 
     def _predict(self, index: int, prompt: Prompt2D, logits: torch.Tensor | None, ahead: list[int]) -> Prediction:
         if self.should_cancel():
