@@ -100,6 +100,8 @@ def test_roi_larger_than_the_image_is_clipped_and_slices_outside_are_dropped():
 def test_roi_beside_the_volume_prompts_nothing_and_roi_prompts_merge_with_points():
     beside = Roi(center=[200.0, 0.0, 20.0], half_sizes=[5.0, 5.0, 5.0])
     assert roi_boxes(VolumeSlices(GRID, 0), beside) == {}
+    touching = Roi(center=[-4.75, 0.0, 20.0], half_sizes=[5.0, 5.0, 5.0])  # R down to -9.75: i up to -0.5
+    assert roi_boxes(VolumeSlices(GRID, 0), touching) == {}
     inside = Roi(center=[-25.0, 0.0, 21.0], half_sizes=[5.0, 5.0, 4.0])  # S 17..25 -> k 6..10
     prompts = slice_prompts(VolumeSlices(GRID, 0), VolumePrompts([[30, 20, 8]], [1], "ijk", rois=[inside]))
     assert sorted(prompts) == [6, 7, 8, 9, 10]
