@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -35,6 +34,7 @@ from segment_anything.modeling import (
 )
 
 from ultrasam import safe_pickle
+from ultrasam.atomic import atomic_path
 
 OWN_FORMAT = "ultrasam-slicer"
 ULTRASAM_PREFIXES = ("backbone.", "decoder.", "bbox_head.", "prompt_encoder.")
@@ -245,19 +245,9 @@ def save_checkpoint(path: str | os.PathLike, model: Sam, meta: Mapping[str, Any]
 
 
 def atomic_torch_save(payload: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """``torch.save`` so that a crash leaves the previous file (or none), never half a file."""
+    with atomic_path(path) as temporary:
+        torch.save(payload, temporary)
 
 
 def convert_ultrasam_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -7,12 +7,12 @@ path. A 2D image becomes a :class:`~ultrasam.geometry.Volume` with one slice (K 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from ultrasam.atomic import atomic_path
 from ultrasam.geometry import Geometry, Volume
 
 VOLUME_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
@@ -189,15 +189,8 @@ def _add_segmentation_header(image: sitk.Image, mask: np.ndarray, name: str, col
 
 
 def _write_atomically(image: sitk.Image, path: Path, suffix: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        sitk.WriteImage(image, temporary, useCompression=suffix != ".png")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix) as temporary:
+        sitk.WriteImage(image, str(temporary), useCompression=suffix != ".png")
 
 
 def _first_line(error: Exception) -> str:
