@@ -1,0 +1,70 @@
+"""The UltraSamTraining Slicer module's logic with slicer-core: a run config from the panel's
+choices, and this scene's segmentations exported as training data (instances counted)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install slicer-core)")
+
+from test_slicer_effect import qt_layer  # noqa: E402,F401  (stubs qt, ctk and the module base classes)
+
+ROOT = Path(__file__).resolve().parents[1]
+for folder in ("UltraSamSlicer", "UltraSamTraining"):
+    if str(ROOT / folder) not in sys.path:
+        sys.path.insert(0, str(ROOT / folder))
+
+
+@pytest.fixture
+def module(qt_layer):  # noqa: F811
+    sys.modules.pop("UltraSamTraining", None)
+    yield importlib.import_module("UltraSamTraining")
+    sys.modules.pop("UltraSamTraining", None)
+
+
+def test_panel_choices_become_a_valid_recipe_config(module, tmp_path):
+    from ultrasam_training.config import load_config
+
+    path = module.UltraSamTrainingLogic.writeConfig(tmp_path / "run", ["/data/US43d"], "/w/UltraSam.pth", 500, 4)
+    config = load_config(path)
+    assert config.data.train == ["/data/US43d"] and config.model.checkpoint == "/w/UltraSam.pth"
+    assert (config.run.steps, config.run.batch_size, config.run.checkpoint_every) == (500, 4, 50)
+    assert config.optim.lr == 1e-4 and config.loss.focal_weight == 20.0  # the recipe's defaults
+
+
+def test_scene_segmentations_export_as_instances(module, tmp_path, monkeypatch):
+    scene = slicer.vtkMRMLScene()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    volumes = slicer.vtkSlicerVolumesLogic()
+    volumes.SetMRMLScene(scene)
+    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(
+        segmentations=types.SimpleNamespace(logic=lambda: logic),
+        volumes=types.SimpleNamespace(logic=lambda: volumes)), raising=False)
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "patient7")
+    voxels = np.random.default_rng(0).integers(0, 255, (4, 20, 30)).astype(np.float32)  # (k, j, i)
+    slicer.util.updateVolumeFromArray(volume, voxels)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    labels = np.zeros((4, 20, 30), dtype=np.uint8)
+    labels[1, 2:6, 3:9] = 1  # slice 1: two separate blobs
+    labels[1, 10:15, 20:28] = 1
+    labels[2, 4:9, 4:9] = 1  # slice 2: one blob
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("lesion", "lesion")
+    slicer.util.updateSegmentBinaryLabelmapFromArray(labels, segmentation, segment_id, volume)
+
+    folder = module.UltraSamTrainingLogic.exportSceneSegmentations(str(tmp_path / "data"))
+    coco = json.loads(next((folder / "annotations").glob("*__coco.json")).read_text())
+    assert len(coco["images"]) == 2 and len(coco["annotations"]) == 3
+    assert {image["group"] for image in coco["images"]} == {"patient7"}
+    assert sorted(a["area"] for a in coco["annotations"]) == [24, 25, 40]
+    stats = module.UltraSamTrainingLogic.dataStatistics([str(folder)])
+    assert stats.splitlines()[-1] == "Total: 2 images, 3 objects"
