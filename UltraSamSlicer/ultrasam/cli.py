@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -36,7 +37,19 @@ examples:
 """
 
 
+# Commands of the training library, handed their own arguments (each has its own --help).
+DELEGATED = {
+    "train": ("ultrasam_training.cli", "configure, run, launch, watch and stop training jobs"),
+    "convert": ("ultrasam_training.convert", "convert data sets (BUS-BRA, HC18, 3D volumes) to US-43d's COCO layout"),
+    "check-data": ("ultrasam_training.check", "report missing files and bad masks in a COCO data set"),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        module = importlib.import_module(DELEGATED[argv[0]][0])
+        return module.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -48,8 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    training = "".join(f"\n  {name:<12}{text}" for name, (_, text) in DELEGATED.items())
     parser = argparse.ArgumentParser(
-        prog="ultrasam", description="UltraSam: SAM trained on ultrasound, for images and 3D volumes.",
+        prog="ultrasam", description="UltraSam: SAM trained on ultrasound, for images and 3D volumes."
+        f"\n\ntraining commands (see `ultrasam <command> --help`):{training}",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(required=True, metavar="command")
