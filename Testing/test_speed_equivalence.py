@@ -6,11 +6,16 @@ modules before acceleration), with random, non-zero relative-position tables so 
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT
 
+from conftest import shared_path
 from ultrasam.fast_attention import FusedAttention, WarmCompiled, accelerate_image_encoder
+from ultrasam.predictor import Predictor, Prompt2D
+from ultrasam.slicing import VolumeSlices
+from ultrasam.volume_io import read_volume
 
 
 def _randomise_rel_pos(module: torch.nn.Module, seed: int = 0) -> None:
@@ -99,3 +104,44 @@ def test_warm_compiled_serves_eagerly_then_compiled_with_padded_batches():
 
     for result in (early, padded, too_big[:3], too_big[3:]):
         torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
+
+
+def _iou(a, b) -> float:
+    """Intersection over union of two boolean arrays (numpy or torch) of one shape."""
+    a, b = np.asarray(a), np.asarray(b)
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+@pytest.mark.shared
+def test_fast_path_masks_match_fp32_reference_on_real_slices(tiny_sam):
+    """Fast path (SDPA + bf16 encoder, as on a GPU) against segment_anything's fp32 eager path.
+
+    Random weights give masks covering most of a slice, which would agree trivially. So besides
+    the pipeline's masks, the final logits are also thresholded at the reference's median: half
+    the slice on each side, with the boundary running through the logit field wherever it is
+    flattest, which is harsher than a trained model's steep, bimodal logits.
+    """
+    slices = VolumeSlices(read_volume(shared_path("resect3d", "Case3.nii.gz")), axis=0)
+    images = [slices.image(index) for index in (80, 120, 160, 200)]
+    reference = Predictor(copy.deepcopy(tiny_sam), device="cpu")
+    fast = Predictor(accelerate_image_encoder(tiny_sam), device="cpu")
+    height, width = images[0].shape
+    prompts = [Prompt2D(points_xy=[[width * 0.5, height * 0.45]], labels=[1]),
+               Prompt2D(box_xyxy=[width * 0.3, height * 0.3, width * 0.65, height * 0.6])]
+
+    expected_embeddings = reference.embed(images)
+    fp32_embeddings = fast.embed(images)  # the engine on a CPU without native bf16
+    fast.clear_cache()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the engine on a GPU
+        bf16_embeddings = fast.embed(images)
+
+    for expected, fp32, bf16 in zip(expected_embeddings, fp32_embeddings, bf16_embeddings):
+        fp32_error = (fp32.features - expected.features).abs().max()
+        assert fp32_error < 1e-4 * expected.features.abs().max()
+        assert (bf16.features - expected.features).abs().max() > 10 * fp32_error  # bf16 really ran
+        for prompt in prompts:
+            want = reference.predict(expected, prompt)
+            got = fast.predict(bf16, prompt)
+            threshold = want.low_res_logits.median()
+            assert _iou(got.mask, want.mask) >= 0.98
+            assert _iou(got.low_res_logits > threshold, want.low_res_logits > threshold) >= 0.98

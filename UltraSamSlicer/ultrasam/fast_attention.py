@@ -8,24 +8,25 @@ runs a separate softmax. :func:`accelerate_image_encoder` re-classes every encod
 can pick a fused kernel. The result is numerically the same function, for windowed (14 x 14
 tokens) and global (64 x 64 tokens) blocks alike.
 
-The other helpers choose the fastest settings a device offers: bf16 autocast where the hardware
-computes bf16 natively (:func:`fast_dtype`, :func:`encoder_autocast`), thread and matmul settings
-(:func:`configure_device`), and an optional ``torch.compile`` whose cold start is paid on a
-background thread while the eager encoder keeps serving (:class:`WarmCompiled`).
+The other helpers choose the fastest settings a device offers: whether the CPU computes bf16
+natively (:func:`cpu_has_native_bf16`), thread and matmul settings (:func:`configure_device`),
+and an optional ``torch.compile`` whose cold start is paid on a background thread while the eager
+encoder keeps serving (:class:`WarmCompiled`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
-from typing import ContextManager, Iterable, Optional, Sequence, Tuple, Union
+from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from segment_anything.modeling import Sam
 from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT, get_rel_pos
+
+from ultrasam.device import autocast_for
 
 
 def decomposed_rel_pos_bias(
@@ -92,33 +93,12 @@ def accelerate_image_encoder(model: Union[Sam, ImageEncoderViT]) -> Union[Sam, I
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); otherwise bf16 is slower."""
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX).
+
+    Only then does bf16 autocast speed the encoder up on the CPU (ViT-B here: 9.5 s -> 6.5 s per
+    slice, docs/BENCHMARKS.md); without it, bf16 is emulated and slower than fp32.
+    """
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def fast_dtype(device: Union[str, torch.device]) -> torch.dtype:
-    """The fastest dtype for the image encoder on ``device`` that keeps SAM's masks.
-
-    bf16 where the device computes it natively (CUDA with bf16 support, CPUs with AVX512-BF16 or
-    AMX), float32 elsewhere. UltraSam's masks under bf16 autocast of the encoder alone stay at
-    IoU >= 0.98 of the fp32 path (Testing/test_speed_equivalence.py).
-    """
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
-    return torch.float32
-
-
-def encoder_autocast(device: Union[str, torch.device], dtype: torch.dtype) -> ContextManager:
-    """Autocast for the image encoder in ``dtype``; a no-op for float32.
-
-    Use it around the encoder only: the prompt encoder and mask decoder are cheap and stay fp32.
-    """
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def configure_device(device: Union[str, torch.device], threads: Optional[int] = None) -> None:
@@ -152,7 +132,8 @@ class WarmCompiled:
         module: takes (B, *sample_shape) tensors, e.g. the image encoder with (B, 3, 1024, 1024).
         sample_shape: one input without the batch axis.
         batch_sizes: batch sizes to compile and warm, e.g. (1, 16) for a click and a volume.
-        device, dtype: where and in which autocast dtype the warm-up runs (as the caller will).
+        device: where the module's parameters are; warm-up and calls run under
+            :func:`ultrasam.device.autocast_for` of it, as the predictor runs the encoder.
         background: warm on a thread (default) or block until warm.
         compile_kwargs: passed to ``torch.compile`` (e.g. ``mode``, ``backend``).
     """
@@ -163,7 +144,6 @@ class WarmCompiled:
         sample_shape: Sequence[int],
         batch_sizes: Iterable[int],
         device: Union[str, torch.device],
-        dtype: torch.dtype = torch.float32,
         background: bool = True,
         **compile_kwargs,
     ) -> None:
@@ -172,7 +152,6 @@ class WarmCompiled:
         self._sample_shape = tuple(sample_shape)
         self._batch_sizes = sorted(set(batch_sizes))
         self._device = torch.device(device)
-        self._dtype = dtype
         self._compiled = None
         self._compile_kwargs = {"dynamic": False, **compile_kwargs}
         self._thread = threading.Thread(target=self._warm, name="ultrasam-compile", daemon=True)
@@ -193,7 +172,7 @@ class WarmCompiled:
     def _warm(self) -> None:
         try:
             compiled = torch.compile(self.module, **self._compile_kwargs)
-            with torch.inference_mode(), encoder_autocast(self._device, self._dtype):
+            with torch.inference_mode(), autocast_for(self._device):
                 for batch in self._batch_sizes:
                     compiled(torch.zeros((batch, *self._sample_shape), device=self._device))
             if self._device.type == "cuda":
@@ -205,12 +184,12 @@ class WarmCompiled:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(B, *sample_shape) -> the module's output for those B inputs, as float32.
 
-        Runs under inference mode and the warm-up's autocast, so the compiled graph's guards
-        always hold.
+        Runs under inference mode and ``autocast_for(device)``, as the warm-up did, so the compiled
+        graph's guards hold and nothing recompiles here.
         """
         batch = x.shape[0]
         fits = [b for b in self._batch_sizes if b >= batch]
-        with torch.inference_mode(), encoder_autocast(self._device, self._dtype):
+        with torch.inference_mode(), autocast_for(self._device):
             if self._compiled is None or tuple(x.shape[1:]) != self._sample_shape or not fits:
                 return self.module(x).float()
             padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, fits[0] - batch))
