@@ -21,10 +21,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ultrasam.atomic import write_text_atomic
 
 INIT_KINDS = ("checkpoint", "usf-mae", "scratch")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -259,17 +260,5 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
     """Write ``config`` as JSON atomically (temp file in the same folder, then rename)."""
-    write_text_atomic(Path(path), json.dumps(config.to_dict(), indent=2) + "\n")
+    write_text_atomic(path, json.dumps(config.to_dict(), indent=2) + "\n")
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ultrasam_training.config import write_text_atomic
+from ultrasam.atomic import write_text_atomic
 from ultrasam_training.runlog import METRICS_FILE, read_records
 
 JOB_FILE = "job.json"

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ultrasam_training.config import write_text_atomic
+from ultrasam.atomic import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
