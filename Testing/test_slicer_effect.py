@@ -146,6 +146,8 @@ def qt_layer(monkeypatch):
         if not hasattr(slicer, name):
             monkeypatch.setattr(slicer, name, value, raising=False)
     monkeypatch.setattr(slicer.util, "showStatusMessage", lambda *args: None)
+    interaction = slicer.vtkMRMLInteractionNode()  # mouse mode: "view transform", no markups placement
+    slicer.app.applicationLogic.return_value.GetInteractionNode.return_value = interaction
     for name in ("UltraSamSlicer", "UltraSamSlicerLib.SegmentEditorEffect"):
         sys.modules.pop(name, None)
     yield
@@ -331,6 +333,14 @@ def test_oblique_view_adds_no_prompt_and_says_why(effect, scene):
     assert "Align views" in effect.statusLabel.text
 
 
+def test_clicks_while_placing_markups_are_left_to_slicer(effect):
+    interaction = slicer.app.applicationLogic().GetInteractionNode()
+    interaction.SetCurrentInteractionMode(interaction.Place)
+    assert not effect.processInteractionEvents(interactor((20, 20)), vtk.vtkCommand.LeftButtonPressEvent,
+                                               k_plane_view(6))
+    interaction.SetCurrentInteractionMode(interaction.ViewTransform)
+
+
 def test_effect_keys_leave_the_segment_editors_own_alone(effect):
     for key in RESERVED_KEYS:
         assert not effect.onKey(key)
@@ -346,3 +356,17 @@ def test_a_prompt_outside_the_volume_is_reported_not_raised(effect, scene):
     settle(effect)
     assert "outside the volume" in effect.statusLabel.text
     assert view is not None
+
+
+def test_on_a_gpu_slices_are_embedded_once_in_the_background(effect):
+    from UltraSamSlicerLib.session import SegmentationSession
+
+    embedded = []
+    gpu_cache = types.SimpleNamespace(
+        predictor=types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"), batch_size=4),
+        get=lambda slices, indices: embedded.extend(indices))
+    effect.sessionFactory = lambda volume: SegmentationSession(volume, gpu_cache, slice_predictor=ThresholdModel)
+    effect.buildSession()
+    settle(effect)
+    settle(effect)  # idle again: nothing more to embed
+    assert sorted(embedded) == list(range(SHAPE[0]))

@@ -64,7 +64,8 @@ def test_every_module_file_is_listed_and_every_listed_file_exists(module):
 @pytest.mark.parametrize("module", MODULES)
 def test_self_test_scripts_are_registered_with_ctest(module):
     commands = cmake_commands((ROOT / module / "CMakeLists.txt").read_text())
-    registered = {_expand(args[args.index("SCRIPT") + 1], {"MODULE_NAME": [module]})
+    known = {"MODULE_NAME": [module], "CMAKE_CURRENT_SOURCE_DIR": ["."]}
+    registered = {_expand(args[args.index("SCRIPT") + 1], known).removeprefix("./")
                   for name, args in commands if name == "slicer_add_python_unittest"}
     tests = {p.relative_to(ROOT / module).as_posix() for p in (ROOT / module / "Testing").rglob("*Test.py")}
     assert tests <= registered

@@ -147,6 +147,7 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         ScriptedLoadableModuleWidget.setup(self)
         self.logic = UltraSamSlicerLogic()
         self.worker = InferenceWorker()
+        self.partialFile = None  # the weights download in progress, if any
         self.timer = qt.QTimer()
         self.timer.setInterval(200)
         self.timer.connect("timeout()", self.onPoll)

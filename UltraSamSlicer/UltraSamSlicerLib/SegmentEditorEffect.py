@@ -55,6 +55,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.axis = 0
         self.propagated = False
         self.result = None
+        self.embeddedAxes = set()
         self.boxes = {}  # (axis, slice index) -> SliceBox in world RAS
         self.undoStack = []  # callables removing the most recent click or box
         self.drag = None
@@ -218,6 +219,7 @@ trained without negative points: they may change little).</li>
     def buildSession(self):
         """Read the source image (in the segmentation's grid) and load the model on the worker."""
         self.session, self.result, self.propagated = None, None, False
+        self.embeddedAxes = set()  # axes whose slices are all embedded already
         self.discardPreview()
         image = self.scriptedEffect.sourceVolumeImageData()
         segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
@@ -385,6 +387,9 @@ trained without negative points: they may change little).</li>
             return self.onKey(callerInteractor.GetKeySym())
         if callerInteractor.GetShiftKey() or callerInteractor.GetAltKey():
             return False  # Shift moves the crosshair, Alt is the view's: leave them to Slicer
+        interactionNode = slicer.app.applicationLogic().GetInteractionNode()
+        if interactionNode is not None and interactionNode.GetCurrentInteractionMode() != interactionNode.ViewTransform:
+            return False  # the user is placing a markups point or ROI (a prompt too): let Slicer place it
         xy = callerInteractor.GetEventPosition()
         if eventId == vtk.vtkCommand.LeftButtonPressEvent:
             confirmed = self.scriptedEffect.confirmCurrentSegmentVisible()
@@ -506,7 +511,10 @@ trained without negative points: they may change little).</li>
             description = shared_manager().description
             self.setStatus(f"Ready: {description}." if description else "Ready.")
             self.runPrompts()
-        elif job.name != "embed":
+        elif job.name == "embed":
+            if result is not None:  # the axis whose slices are now all embedded
+                self.embeddedAxes.add(result)
+        else:
             self.showResult(result)
         self.embedInBackground()
         self.updateButtons()
@@ -514,13 +522,14 @@ trained without negative points: they may change little).</li>
     def embedInBackground(self):
         """On a GPU, embed the remaining slices while the user is idle; any prompt interrupts it."""
         cache = getattr(self.session, "cache", None)
-        if cache is None or cache.predictor.device.type != "cuda" or self.worker.busy:
+        if cache is None or cache.predictor.device.type != "cuda" or self.worker.busy or self.axis in self.embeddedAxes:
             return
         session, axis = self.session, self.axis
 
         def embed(job):
             session.set_axis(axis)
-            session.embed_all(job.cancel.is_set, lambda done, total: setattr(job, "progress", (done, total)))
+            done = session.embed_all(job.cancel.is_set, lambda done, total: setattr(job, "progress", (done, total)))
+            return axis if done else None
 
         self.worker.request(Job("embed", embed, background=True))
 

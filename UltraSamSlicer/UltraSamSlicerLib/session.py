@@ -140,15 +140,20 @@ class SegmentationSession:
         return True
 
     def embed_all(self, should_cancel: Callable[[], bool] = lambda: False,
-                  on_progress: Callable[[int, int], None] = lambda done, total: None) -> None:
-        """Embed every slice along the current axis ahead of prompting (worthwhile on a GPU)."""
+                  on_progress: Callable[[int, int], None] = lambda done, total: None) -> bool:
+        """Embed every slice along the current axis ahead of prompting (worthwhile on a GPU).
+
+        Returns:
+            True when every slice is embedded, False when ``should_cancel`` stopped it first.
+        """
         slices = self.slices()
         batch = max(1, self.cache.predictor.batch_size)
         for start in range(0, slices.num_slices, batch):
             if should_cancel():
-                return
+                return False
             self.cache.get(slices, range(start, min(start + batch, slices.num_slices)))
             on_progress(min(start + batch, slices.num_slices), slices.num_slices)
+        return True
 
     def slices(self) -> VolumeSlices:
         """The whole volume as slices along the current axis (one window for all)."""
