@@ -8,10 +8,8 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
-from test_3d_fakes import MRUS3D, RESECT_CASE3, needs_mrus3d, needs_resect
-from ultrasam.checkpoint import SamConfig, sam_from_config
+from test_3d_fakes import MRUS3D, RESECT_CASE3, micro_sam, needs_mrus3d, needs_resect
 from ultrasam.batch import read_prompts_file, run_batch, segment_volume
 from ultrasam.predictor import Predictor
 from ultrasam.prompts3d import VolumePrompts
@@ -21,12 +19,7 @@ from ultrasam.volume_io import read_volume, write_mask
 
 @pytest.fixture
 def predictor():
-    """A very small random SAM-architecture model: 2 encoder blocks, 128 input, 32-wide decoder."""
-    config = SamConfig(encoder_embed_dim=16, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),
-                       encoder_mlp_ratio=2.0, image_size=128, encoder_window_size=4, prompt_embed_dim=32,
-                       mask_in_chans=4, decoder_mlp_dim=64, iou_head_hidden_dim=32)
-    torch.manual_seed(0)
-    return Predictor(sam_from_config(config), device="cpu")
+    return Predictor(micro_sam(), device="cpu")
 
 
 @needs_resect
@@ -38,7 +31,7 @@ def test_one_point_with_propagation_on_resect_writes_a_mask_in_the_input_geometr
     mask, report = segment_volume(volume, predictor, VolumePrompts([lps], [1], frame="lps"), axis="k",
                                   on_slice=lambda result: seen.append(result.index))
     assert mask.shape == (288, 256, 256) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
-    assert report["key_slices"] == [140] and seen[0] == 140
+    assert report["key_slices"] == [140] and seen[:3] == [140, 139, 141]  # key, then one step each way
     rows = {row["index"]: row for row in report["slices"]}
     assert rows[140]["status"] == "key" and set(rows) == set(seen)
     assert report["segmented_slices"] == np.flatnonzero(mask.any(axis=(1, 2))).tolist()
@@ -109,10 +102,7 @@ def test_bad_prompts_files_say_what_is_wrong(tmp_path):
     labels.write_text("volume,x,y,z,label\na.nii,1,2,3,7\n")
     with pytest.raises(ValueError, match="labels must be 1"):
         read_prompts_file(labels)
+    text = tmp_path / "prompts.txt"
+    text.write_text("")
     with pytest.raises(ValueError, match=".json or .csv"):
-        read_prompts_file(tmp_path / "bad.json".replace("json", "txt")) if False else read_prompts_file(_touch(tmp_path / "p.txt"))
-
-
-def _touch(path):
-    path.write_text("")
-    return path
+        read_prompts_file(text)

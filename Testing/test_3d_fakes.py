@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from ultrasam.checkpoint import SamConfig, sam_from_config
 from ultrasam.predictor import Prediction, Prompt2D
 from ultrasam.slicing import VolumeSlices
 from ultrasam.volume_io import read_volume
@@ -32,6 +33,16 @@ def read_prostate(name: str):
     image = read_volume(MRUS3D / "images" / name)
     gland = read_volume(MRUS3D / "labels" / name, frame=0).voxels > 0.5
     return image, gland
+
+
+def micro_sam():
+    """A very small random SAM-architecture model (2 encoder blocks, 128 input, 32-wide decoder):
+    fast enough to walk a few hundred slices on a CPU in tests."""
+    config = SamConfig(encoder_embed_dim=16, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),
+                       encoder_mlp_ratio=2.0, image_size=128, encoder_window_size=4, prompt_embed_dim=32,
+                       mask_in_chans=4, decoder_mlp_dim=64, iou_head_hidden_dim=32)
+    torch.manual_seed(0)
+    return sam_from_config(config)
 
 
 class TruthPredictor:
