@@ -14,6 +14,7 @@ expected voxels are the bright ball's.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 import types
@@ -370,3 +371,31 @@ def test_on_a_gpu_slices_are_embedded_once_in_the_background(effect):
     settle(effect)
     settle(effect)  # idle again: nothing more to embed
     assert sorted(embedded) == list(range(SHAPE[0]))
+
+
+def test_dependency_install_asks_once_and_never_in_testing_mode(qt_layer, monkeypatch):
+    module = importlib.import_module("UltraSamSlicer")
+    missing = [["torch>=2.1", "segment-anything==1.0"], ["segment-anything==1.0"], []]
+    monkeypatch.setattr(module, "missing_requirements", lambda: missing[0])
+    confirm, pip = mock.MagicMock(return_value=False), mock.MagicMock()
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", confirm, raising=False)
+    monkeypatch.setattr(slicer.util, "pip_install", pip)
+
+    slicer.app.testingEnabled.return_value = True
+    assert module.UltraSamSlicerLogic.installDependencies() is False
+    assert not confirm.called and not pip.called  # testing mode: no dialog, no install
+
+    slicer.app.testingEnabled.return_value = False
+    assert module.UltraSamSlicerLogic.installDependencies() is False  # the user declined
+    assert confirm.call_count == 1 and not pip.called
+
+    confirm.return_value = True
+    pytorch_utils = mock.MagicMock()
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", pytorch_utils)
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", lambda *a, **k: contextlib.nullcontext(), raising=False)
+    monkeypatch.setattr(module, "missing_requirements", lambda: missing.pop(0))
+    assert module.UltraSamSlicerLogic.installDependencies() is True
+    assert confirm.call_count == 2  # one more question, for the whole install
+    pytorch_utils.PyTorchUtilsLogic.return_value.installTorch.assert_called_once_with(
+        askConfirmation=False, torchVersionRequirement=">=2.1")
+    pip.assert_called_once_with(["segment-anything==1.0"])

@@ -264,19 +264,26 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         from ultrasam.download import OFFICIAL_NAME, download_official_weights
 
         folder = self.logic.weightsFolder()
-        self.partialFile = Path(folder) / (OFFICIAL_NAME + ".part")
-        self.worker.start(Job("download", lambda job: download_official_weights(folder, progress=False)))
-        self.downloadButton.enabled = False
-        self.timer.start()
+        if self.startJob(Job("download", lambda job: download_official_weights(folder, progress=False)), "Downloading..."):
+            self.partialFile = Path(folder) / (OFFICIAL_NAME + ".part")
+            self.downloadButton.enabled = False
 
     def onLoadModel(self):
         if not self.logic.installDependencies():
             return
         settings = self.logic.modelSettings()
+        self.startJob(Job("load", lambda job: shared_manager().cache(settings)), "Loading the model...")
+
+    def startJob(self, job: Job, message: str) -> bool:
+        """Run ``job`` on the panel's worker unless one is running; poll it with the timer."""
+        if self.worker.busy:
+            self.statusLabel.text = f"Wait for '{self.worker.running.name}' to finish."
+            return False
         self.partialFile = None
-        self.worker.start(Job("load", lambda job: shared_manager().cache(settings)))
-        self.statusLabel.text = "Loading the model..."
+        self.worker.start(job)
+        self.statusLabel.text = message
         self.timer.start()
+        return True
 
     def onPoll(self):
         """Main thread: report download progress (size of the partial file) and finished jobs."""
