@@ -39,6 +39,15 @@ def test_panel_choices_become_a_valid_recipe_config(module, tmp_path):
     assert config.optim.lr == 1e-4 and config.loss.focal_weight == 20.0  # the recipe's defaults
 
 
+def test_the_trainer_process_gets_both_libraries_on_its_path(module):
+    """Slicer adds module folders to its own sys.path only; the child process gets them via PYTHONPATH."""
+    import os
+
+    folders = [Path(p) for p in module.UltraSamTrainingLogic.childEnv()["PYTHONPATH"].split(os.pathsep)]
+    assert any((folder / "ultrasam" / "checkpoint.py").is_file() for folder in folders)
+    assert any((folder / "ultrasam_training" / "trainer.py").is_file() for folder in folders)
+
+
 def test_scene_segmentations_export_as_instances(module, tmp_path, monkeypatch):
     scene = slicer.vtkMRMLScene()
     logic = slicer.vtkSlicerSegmentationsModuleLogic()

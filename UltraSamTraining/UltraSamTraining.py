@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import ctk
@@ -113,7 +114,18 @@ class UltraSamTrainingLogic(ScriptedLoadableModuleLogic):
         config = runDir / "config.json"
         if slurm is not None:
             return f"SLURM job {launch.submit_slurm(config, runDir, slurm)}"
-        return f"process {launch.start_local(config, runDir, processes=gpus).pid}"
+        return f"process {launch.start_local(config, runDir, processes=gpus, env=UltraSamTrainingLogic.childEnv()).pid}"
+
+    @staticmethod
+    def childEnv() -> dict[str, str]:
+        """PYTHONPATH for the trainer process: Slicer puts module folders on its own path only."""
+        import ultrasam
+        import ultrasam_training
+
+        folders = [str(Path(ultrasam.__file__).resolve().parents[1]),
+                   str(Path(next(iter(ultrasam_training.__path__))).resolve().parent),
+                   os.environ.get("PYTHONPATH", "")]
+        return {"PYTHONPATH": os.pathsep.join(folder for folder in folders if folder)}
 
     @staticmethod
     def localGpuCount() -> int:

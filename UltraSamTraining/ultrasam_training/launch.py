@@ -238,6 +238,9 @@ def _new_process_group() -> dict:
 
 def _pid_alive(pid: int) -> bool:
     """True for a live process (a zombie, finished but not yet reaped, counts as ended)."""
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
+        listed = subprocess.run(["tasklist", "/FI", f"PID eq {pid}", "/NH"], capture_output=True, text=True)
+        return str(pid) in listed.stdout.split()
     try:
         status = Path(f"/proc/{pid}/stat").read_text()
         return status.rsplit(")", 1)[1].split()[0] not in ("Z", "X")

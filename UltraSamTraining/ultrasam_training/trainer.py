@@ -14,6 +14,7 @@ an uninterrupted run (bit for bit on CPU; on GPU with ``run.deterministic``).
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
 import time
@@ -41,6 +42,7 @@ RESUME_FILE = "resume.pt"
 BEST_FILE = "best.pth"
 FINAL_FILE = "model.pth"
 WARMUP_START = 0.001  # LR factor at step 0, rising linearly to 1 over optim.warmup_steps
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=2)
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,8 @@ def _setup(config: TrainConfig, procs: Processes) -> torch.device:
     else:
         device = torch.device("cpu")
     if procs.world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Long enough for rank 0's validation, while the other ranks wait at the next collective.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     if config.run.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
