@@ -147,3 +147,18 @@ def test_start_stop_resume_a_real_local_run(tmp_path):
     assert 2 <= resumed["step"] <= stopped_at
     launch.stop(run_dir)
     assert "Traceback" not in (run_dir / launch.LOG_FILE).read_text()
+
+
+def test_cli_config_status_and_errors(tmp_path, capsys):
+    from ultrasam_training.config import load_config
+
+    out = tmp_path / "run.json"
+    assert cli_main(["config", str(out), "--train", "a.json", "--checkpoint", "w.pth", "--steps", "100",
+                     "--output-dir", str(tmp_path / "run")]) == 0
+    config = load_config(out)
+    assert (config.data.train, config.model.checkpoint, config.run.steps) == (["a.json"], "w.pth", 100)
+    capsys.readouterr()
+    assert cli_main(["status", str(tmp_path / "run")]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "waiting"
+    assert cli_main(["train", str(tmp_path / "absent.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err

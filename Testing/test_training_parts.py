@@ -224,3 +224,24 @@ def test_an_unreadable_sample_is_skipped_for_the_next():
     with pytest.warns(UserWarning, match="image 1 does not exist"):
         item = dataset[(1, 5)]
     assert item.masks.shape == (1, 64, 64) and int(item.masks[0].any(dim=1).sum()) == 6  # sample 2, scaled x2
+
+
+def test_build_model_from_each_init_kind(tmp_path):
+    from ultrasam.checkpoint import save_checkpoint
+    from ultrasam_training.model_init import build_model
+
+    scratch = cfg.ModelConfig(init="scratch", scratch=TINY_SAM)
+    model = build_model(scratch)
+    assert model.training and model.image_encoder.img_size == 128
+    save_checkpoint(tmp_path / "own.pth", model, {})
+    again = build_model(cfg.ModelConfig(init="checkpoint", checkpoint=str(tmp_path / "own.pth")))
+    assert again.training and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                                     again.state_dict().values()))
+    encoder = {"patch_embed.proj.weight": torch.randn(32, 3, 16, 16), "patch_embed.proj.bias": torch.randn(32),
+               "pos_embed": torch.randn(1, 1 + 14 * 14, 32), "blocks.0.norm1.weight": torch.full((32,), 3.0)}
+    torch.save({"model": encoder}, tmp_path / "usfmae.pth")
+    usf = build_model(cfg.ModelConfig(init="usf-mae", checkpoint=str(tmp_path / "usfmae.pth"), scratch=TINY_SAM))
+    assert torch.equal(usf.image_encoder.blocks[0].norm1.weight, encoder["blocks.0.norm1.weight"])
+    torch.save({"model": {"image_encoder.pos_embed": torch.zeros(1)}}, tmp_path / "sam.pth")
+    with pytest.raises(CheckpointError, match="not a USF-MAE checkpoint"):
+        build_model(cfg.ModelConfig(init="usf-mae", checkpoint=str(tmp_path / "sam.pth"), scratch=TINY_SAM))
