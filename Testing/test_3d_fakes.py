@@ -5,6 +5,7 @@ Holds no tests itself; the test_3d_* modules import it.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,10 @@ def prostate_cases() -> list[str]:
     return sorted(p.name for p in (MRUS3D / "images").glob("obs*.nii.gz")) if MRUS3D.is_dir() else []
 
 
+@lru_cache(maxsize=None)
 def read_prostate(name: str):
-    """(image Volume, (K, J, I) bool gland mask = label channel 0) of one simulated case."""
+    """(image Volume, (K, J, I) bool gland mask = label channel 0) of one simulated case (shared
+    between tests: do not modify)."""
     image = read_volume(MRUS3D / "images" / name)
     gland = read_volume(MRUS3D / "labels" / name, frame=0).voxels > 0.5
     return image, gland
@@ -49,18 +52,19 @@ class TruthPredictor:
     """Returns the true mask of a slice when the prompt touches the object there, else nothing.
 
     A prompt touches the object when a positive point falls on an object pixel or the box holds
-    the centre of an object pixel. Records every call as (slice index, prompt, had mask input).
+    the centre of an object pixel. Its logits are filled with the slice index, so a test can tell
+    which slice a mask input came from. Records every call as (slice index, prompt, mask input).
     """
 
     def __init__(self, slices: VolumeSlices, truth_kji: np.ndarray, iou: float = 0.9) -> None:
         self.slices, self.truth, self.iou = slices, truth_kji.astype(bool), iou
-        self.calls: list[tuple[int, Prompt2D, bool]] = []
+        self.calls: list[tuple[int, Prompt2D, torch.Tensor | None]] = []
 
     def prefetch(self, indices) -> None:
         pass
 
     def predict(self, index: int, prompt: Prompt2D, mask_input: torch.Tensor | None = None) -> Prediction:
-        self.calls.append((index, prompt, mask_input is not None))
+        self.calls.append((index, prompt, mask_input))
         truth = self.slices.slice_mask(self.truth, index)
         mask = truth if self.touches(truth, prompt) else np.zeros_like(truth)
         return Prediction(mask.copy(), self.iou, torch.full((1, 1, 256, 256), float(index)))

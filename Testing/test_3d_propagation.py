@@ -38,15 +38,17 @@ def point_run(slices, gland, keys, rules=StopRules()):
 
 
 @needs_mrus3d
+@pytest.mark.parametrize("start", [1 / 2, 1 / 4, 3 / 4])
 @pytest.mark.parametrize("axis", [0, 1, 2])
 @pytest.mark.parametrize("case", prostate_cases())
-def test_one_mid_gland_point_recovers_the_gland(case, axis):
+def test_one_point_in_the_gland_recovers_the_gland(case, axis, start):
+    """From the middle of the gland, or a quarter of its length in from either end."""
     volume, gland = read_prostate(case)
     slices = VolumeSlices(volume, axis)
     extent = occupied(gland, axis)
-    middle = extent[len(extent) // 2]
-    _, fake, result, prompts = point_run(slices, gland, [middle])
-    assert list(prompts) == [middle]
+    key = extent[int(len(extent) * start)]
+    _, fake, result, prompts = point_run(slices, gland, [key])
+    assert list(prompts) == [key]
     mask = slices.to_volume(result.masks())
     assert occupied(mask, axis) == extent  # the full range, nothing outside
     np.testing.assert_array_equal(mask, gland)
@@ -56,8 +58,16 @@ def test_one_mid_gland_point_recovers_the_gland(case, axis):
             assert walk.end == VANISHED and walk.steps[-1].index == end_slice
         else:
             assert walk.end == EDGE
-    # Every propagated slice was prompted by a box plus the previous slice's logits.
-    assert all(had_mask for index, _, had_mask in fake.calls if index != middle)
+    # Every propagated slice was prompted by the box of the previous slice's mask (pixel edges)
+    # plus that slice's low-resolution logits (the fake marks them with the slice index).
+    for index, prompt, logits in fake.calls:
+        if index == key:
+            continue
+        previous = index + (1 if index < key else -1)
+        rows, cols = np.nonzero(slices.slice_mask(gland, previous))
+        box = [cols.min() - 0.5, rows.min() - 0.5, cols.max() + 0.5, rows.max() + 0.5]
+        assert prompt.points_xy is None and prompt.box_xyxy.tolist() == box
+        assert logits is not None and float(logits.flatten()[0]) == previous
 
 
 @needs_mrus3d
