@@ -307,3 +307,22 @@ def test_unplaced_roi_and_missing_segment_raise_clear_errors(scene, volume_node,
     volume = mrml_bridge.volume_from_node(volume_node)
     with pytest.raises(mrml_bridge.BridgeError, match="does not exist"):
         mrml_bridge.write_mask_to_segment(np.zeros(SHAPE_KJI), volume, segmentation_node, "nope")
+
+
+RESECT_CASE3 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "resect3d" / "Case3.nii.gz"
+
+
+@pytest.mark.skipif(not RESECT_CASE3.is_file(), reason=f"real RESECT volume not found at {RESECT_CASE3}")
+def test_slicers_reader_and_the_core_reader_agree_on_a_real_oblique_volume(scene):
+    # Slicer reads NIfTI into RAS with its own ITK-based reader; the core reads it with SimpleITK in
+    # LPS and converts. Same voxels at the same world positions, or a frame is wrong somewhere.
+    from ultrasam.volume_io import read_volume
+
+    volumes_logic = slicer.vtkSlicerVolumesLogic()
+    volumes_logic.SetMRMLScene(scene)
+    node = volumes_logic.AddArchetypeVolume(str(RESECT_CASE3), "case3")
+    from_slicer = mrml_bridge.volume_from_node(node)
+    from_core = read_volume(RESECT_CASE3)
+    assert from_slicer.shape_kji == from_core.shape_kji == (288, 256, 256)
+    np.testing.assert_allclose(from_slicer.geometry.ijk_to_ras_matrix(), from_core.geometry.ijk_to_ras_matrix(), atol=1e-4)
+    np.testing.assert_array_equal(from_slicer.voxels, from_core.voxels)

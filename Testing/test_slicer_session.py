@@ -180,3 +180,23 @@ def test_a_request_interrupts_background_work():
     assert wait_for(worker)[1] == "interrupted"
     assert wait_for(worker)[1] == "preview"
     worker.shutdown()
+
+
+def test_with_a_real_model_the_session_gives_what_the_core_gives(tiny_sam):
+    # The session adds cropping, axis following and incremental reruns on top of the core; with a
+    # real (tiny, random) SAM it must reproduce the core's own volume segmentation exactly.
+    from ultrasam.batch import segment_volume
+    from ultrasam.predictor import Predictor
+    from ultrasam.propagation import StopRules
+    from ultrasam.volume_embeddings import VolumeEmbeddingCache
+
+    volume = crop(ball_volume(), 1, 6, 10)  # 5 slices along j keep the CPU time small
+    cache = VolumeEmbeddingCache(Predictor(tiny_sam, device="cpu"))  # shared: each slice embedded once
+    rules = StopRules(min_iou=-10.0, max_growth=1e9)  # random weights: judge nothing, walk on
+    prompts = centre_prompt(ball_volume())  # the ball's centre in RAS lies in the cropped slab
+    expected, _ = segment_volume(volume, cache.predictor, prompts, axis=1, propagate=True, rules=rules, cache=cache)
+    session = SegmentationSession(volume, cache, rules)
+    session.set_axis(1)
+    result = session.run(prompts, propagate=True)
+    assert expected.any()
+    np.testing.assert_array_equal(result.mask, expected)

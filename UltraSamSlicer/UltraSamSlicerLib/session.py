@@ -178,6 +178,8 @@ class SegmentationSession:
         if prompts.is_empty():
             return SessionResult(mask, self.axis)
         keys = slice_prompts(self.slices(), prompts)
+        if not keys:
+            raise ValueError(f"the ROI crosses no slice of the volume along {'kji'[self.axis]}: move or resize it")
         num_slices = self.volume.shape_kji[self.axis]
         lo, hi = span.bounds(sorted(keys), num_slices) if propagate else (0, num_slices - 1)
         sub = VolumeSlices(crop(self.volume, self.axis, lo, hi), self.axis, self.window)
