@@ -114,7 +114,7 @@ def _setup(config: TrainConfig, procs: Processes) -> torch.device:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     if config.run.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)  # warn where CUDA has no deterministic kernel
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -143,25 +143,11 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
         # Unused per step: the negative-point embedding, and mask heads no object was closest with.
         net = DistributedDataParallel(net, device_ids=[device.index] if on_gpu else None, find_unused_parameters=True)
 
-    image_size = sam.image_encoder.img_size
-    train_samples, val_samples = open_datasets(config.data, config.run.seed)
-    train_set = PreparedDataset(
-        train_samples,
-        PrepareOptions(image_size, config.data.max_objects, config.data.flip, "random",
-                       config.prompts.box_probability, config.prompts.box_jitter),
-    )
-    val_set = None
-    if val_samples is not None and len(val_samples) and procs.main:
-        val_set = PreparedDataset(
-            val_samples,
-            PrepareOptions(image_size, config.data.max_objects, prompt_kind=config.prompts.val_prompt, keep_masks=True),
-        )
+    train_set, val_set = _prepared_datasets(config, sam.image_encoder.img_size, procs)
     batches = StepBatches(len(train_set), config.run.batch_size, config.run.seed, start, config.run.steps,
                           procs.rank, procs.world)
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_sampler=batches, collate_fn=collate, num_workers=config.run.num_workers,
-        persistent_workers=False,
-    )
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
+                                         num_workers=config.run.num_workers)
 
     log = RunLog(run_dir, resume_step=start, tensorboard=True) if procs.main else None
     if log:
@@ -176,10 +162,9 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
             step += 1
             if step % config.run.log_every == 0 or step == config.run.steps:
                 parts = _mean_over_processes(parts, procs)
-                images = (step - logged) * config.run.batch_size * procs.world
-                rate = images / max(time.time() - tick, 1e-9)
+                rate = (step - logged) * config.run.batch_size * procs.world / max(time.time() - tick, 1e-9)
                 logged, tick = step, time.time()
-                if log:
+                if log:  # images/s of the whole job (all processes)
                     log.write("train", step, lr=scheduler.get_last_lr()[0], images_per_s=rate,
                               **{name: float(value) for name, value in parts.items()})
             if val_set is not None and (step % config.run.val_every == 0 or step == config.run.steps):
@@ -203,6 +188,21 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
     finally:
         if log:
             log.close()
+
+
+def _prepared_datasets(config: TrainConfig, image_size: int, procs: Processes):
+    """(training items with random prompts, validation items with fixed prompts or None; rank 0 only)."""
+    train_samples, val_samples = open_datasets(config.data, config.run.seed)
+    train_set = PreparedDataset(
+        train_samples,
+        PrepareOptions(image_size, config.data.max_objects, config.data.flip, "random",
+                       config.prompts.box_probability, config.prompts.box_jitter),
+    )
+    if val_samples is None or len(val_samples) == 0 or not procs.main:
+        return train_set, None
+    val_options = PrepareOptions(image_size, config.data.max_objects, prompt_kind=config.prompts.val_prompt,
+                                 keep_masks=True)
+    return train_set, PreparedDataset(val_samples, val_options)
 
 
 def optimise(net, sam, optimizer, scheduler, items, clip_norm: float) -> dict[str, torch.Tensor]:
