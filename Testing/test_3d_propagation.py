@@ -239,3 +239,17 @@ def test_adjacent_key_slices_meet_without_a_gap():
     ends = {(w.key, w.direction): (w.end, len(w.steps)) for w in result.walks}
     assert ends == {(0, -1): (EDGE, 0), (0, 1): (MET, 0), (1, -1): (MET, 0), (1, 1): (EDGE, 8)}
     assert sorted(result.masks()) == list(range(10))
+
+
+def test_slices_are_announced_a_batch_ahead():
+    table = {i: (square(10), 0.9) for i in range(12)}
+
+    class Recording(ScriptedPredictor):
+        def prefetch(self, indices):
+            announced.append(list(indices))
+
+    announced = []
+    prompt = Prompt2D(points_xy=[[10, 10]], labels=[1])
+    Propagator(Recording((40, 40), table), 12, lookahead=3).run({2: prompt, 4: prompt, 9: prompt})
+    assert announced[:3] == [[2, 4, 9], [4, 9], [9]]  # key slices first, together
+    assert announced[3:6] == [[1, 0], [0], [3]]  # then each walk, nearest slices first

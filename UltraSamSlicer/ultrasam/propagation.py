@@ -190,7 +190,8 @@ class Propagator:
         if outside:
             raise IndexError(f"key slice(s) {outside} lie outside the slices {first}..{last} propagation may reach")
         step = _Stepper(self, should_cancel, on_slice, (first, last))
-        keys = {index: step.key(index, prompts[index]) for index in sorted(prompts)}
+        order = sorted(prompts)
+        keys = {index: step.key(index, prompts[index], order[n:n + self.lookahead]) for n, index in enumerate(order)}
         walks = {}
         if self.propagate:
             for (index, direction), limit in _territories(sorted(keys), first, last).items():
@@ -217,11 +218,13 @@ class _Stepper:
     on_slice: Callable[[SliceResult], None]
     span: tuple[int, int]
 
-    def key(self, index: int, prompt: Prompt2D) -> KeyResult:
+    def key(self, index: int, prompt: Prompt2D, ahead: list[int]) -> KeyResult:
+        """Key slice ``index`` segmented from ``prompt`` (reused if the prompt is unchanged);
+        ``ahead`` are the next key slices, embedded together."""
         previous = self.owner._keys.get(index)
         if previous is not None and _same_prompt(previous.prompt, prompt):
             return previous
-        prediction = self._predict(index, prompt, None, [index])
+        prediction = self._predict(index, prompt, None, ahead)
         result = _result(index, index, prediction, None)
         self.on_slice(result)
         return KeyResult(prompt, result)
