@@ -205,7 +205,7 @@ def effect(scene):
     effect.directionCombo = types.SimpleNamespace(currentText="both")
     effect.rangeCheck = types.SimpleNamespace(checked=False)
     effect.minIouSpin = types.SimpleNamespace(value=0.5)
-    effect.applyModeCombo = types.SimpleNamespace(currentData=slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd)
+    effect.applyModeCombo = types.SimpleNamespace(currentIndex=0)  # "Add to segment"
     effect.pointsSelector = effect.roiSelector = types.SimpleNamespace(currentNode=lambda: None)
     effect.sessionFactory = lambda volume: SegmentationSession(volume, None, slice_predictor=ThresholdModel)
     effect.activate()
@@ -399,3 +399,30 @@ def test_dependency_install_asks_once_and_never_in_testing_mode(qt_layer, monkey
     pytorch_utils.PyTorchUtilsLogic.return_value.installTorch.assert_called_once_with(
         askConfirmation=False, torchVersionRequirement=">=2.1")
     pip.assert_called_once_with(["segment-anything==1.0"])
+
+
+def test_the_effect_loads_the_chosen_checkpoint_and_reloads_when_it_changes(effect, scene, tiny_sam, tmp_path,
+                                                                            monkeypatch):
+    import dataclasses
+
+    from ultrasam.checkpoint import save_checkpoint
+    from UltraSamSlicerLib.models import ModelSettings, shared_manager
+
+    chosen = {"settings": ModelSettings(checkpoint=str(save_checkpoint(tmp_path / "first.pth", tiny_sam)),
+                                        device="cpu")}
+    monkeypatch.setattr(type(effect), "modelSettings", staticmethod(lambda: chosen["settings"]))
+    effect.sessionFactory = None  # the real path: ModelManager -> load_model -> Predictor -> session
+    effect.buildSession()
+    settle(effect)
+    assert "first.pth" in shared_manager().description and effect.session.cache is not None
+    view = k_plane_view(6)
+    click(effect, view, view.xyOf(world_of_kji(CENTER_KJI)[0]))
+    assert effect.result is not None and effect.result.mask.shape == SHAPE
+
+    second = save_checkpoint(tmp_path / "second.pth", tiny_sam)
+    chosen["settings"] = dataclasses.replace(chosen["settings"], checkpoint=str(second))  # e.g. "Use this model"
+    effect.runPrompts()
+    settle(effect)
+    assert "second.pth" in shared_manager().description
+    assert effect.result is not None  # the prompts ran again with the new model
+    shared_manager().unload()

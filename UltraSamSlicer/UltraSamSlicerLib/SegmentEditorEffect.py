@@ -49,6 +49,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
         # Tests replace this to run without a model: volume -> SegmentationSession.
         self.sessionFactory = None
+        self.sessionSettings = None  # model settings the current session was loaded with
         self.worker = None
         self.session = None
         self.volume = None
@@ -138,8 +139,7 @@ trained without negative points: they may change little).</li>
         self.scriptedEffect.addOptionsWidget(propagateRow)
 
         self.applyModeCombo = qt.QComboBox()
-        self.applyModeCombo.addItem("Add to segment", slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd)
-        self.applyModeCombo.addItem("Replace segment", slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
+        self.applyModeCombo.addItems(["Add to segment", "Replace segment"])
         self.scriptedEffect.addLabeledOptionsWidget("Apply:", self.applyModeCombo)
         finishRow = qt.QHBoxLayout()
         self.discardButton = qt.QPushButton("Discard preview")
@@ -238,9 +238,7 @@ trained without negative points: they may change little).</li>
             return
         volume, factory = self.volume, self.sessionFactory
         if factory is None:
-            from UltraSamSlicer import UltraSamSlicerLogic
-
-            settings = UltraSamSlicerLogic.modelSettings()
+            settings = self.sessionSettings = self.modelSettings()
 
             def factory(volume):
                 from UltraSamSlicerLib.session import SegmentationSession
@@ -249,6 +247,13 @@ trained without negative points: they may change little).</li>
 
         self.worker.request(Job("load", lambda job: factory(volume)))
         self.setStatus("Loading UltraSam...")
+
+    @staticmethod
+    def modelSettings():
+        """The model chosen in the UltraSam module (or by the training module's 'Use this model')."""
+        from UltraSamSlicer import UltraSamSlicerLogic
+
+        return UltraSamSlicerLogic.modelSettings()
 
     # ---- prompts --------------------------------------------------------------------------------
     def promptNode(self, positive: bool):
@@ -459,6 +464,9 @@ trained without negative points: they may change little).</li>
         """Start (or queue, replacing a queued one) a run of the session on the current prompts."""
         if self.session is None or self.worker is None:
             return
+        if self.sessionFactory is None and self.modelSettings() != self.sessionSettings:
+            self.buildSession()  # another model was chosen meanwhile: load it, then run these prompts
+            return
         from ultrasam.propagation import StopRules
 
         try:
@@ -582,12 +590,13 @@ trained without negative points: they may change little).</li>
         if self.worker is not None and self.worker.busy:
             self.setStatus("Wait for the running computation to finish, or cancel it, before applying.")
             return
-        mode = self.applyModeCombo.currentData
+        modes = slicer.qSlicerSegmentEditorAbstractEffect
+        mode = (modes.ModificationModeAdd, modes.ModificationModeSet)[self.applyModeCombo.currentIndex]
         modifier = self.scriptedEffect.defaultModifierLabelmap()
         segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
         painted = mrml_bridge.paint_labelmap(modifier, self.result.mask,
                                              mrml_bridge.ijk_to_node_frame(self.volume, segmentationNode))
-        if painted is None and mode == slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd:
+        if painted is None:
             self.setStatus("The preview is empty: nothing to apply.")
             return
         self.scriptedEffect.saveStateForUndo()
