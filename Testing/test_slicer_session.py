@@ -200,3 +200,14 @@ def test_with_a_real_model_the_session_gives_what_the_core_gives(tiny_sam):
     result = session.run(prompts, propagate=True)
     assert expected.any()
     np.testing.assert_array_equal(result.mask, expected)
+
+
+def test_model_settings_say_how_to_get_a_missing_checkpoint(tmp_path):
+    from UltraSamSlicerLib.models import ModelSettings
+
+    with pytest.raises(FileNotFoundError, match="Download UltraSam weights"):
+        ModelSettings(cache_dir=str(tmp_path)).checkpoint_path()
+    (tmp_path / "UltraSam.pth").write_bytes(b"")
+    assert ModelSettings(cache_dir=str(tmp_path)).checkpoint_path() == tmp_path / "UltraSam.pth"
+    with pytest.raises(FileNotFoundError, match="choose another file"):
+        ModelSettings(checkpoint=str(tmp_path / "nope.pth")).checkpoint_path()
