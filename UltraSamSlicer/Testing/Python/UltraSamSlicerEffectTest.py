@@ -38,11 +38,13 @@ class UltraSamSlicerEffectTest(ScriptedLoadableModuleTest):
         from UltraSamSlicerLib.session import SegmentationSession
 
         volume, segmentation, editor = self.makeScene()
-        editor.setActiveEffectByName("UltraSam")
-        effect = editor.activeEffect().self()
+        effect = editor.effectByName("UltraSam").self()
+        # Before activation, so that activating builds the session with the stand-in model.
         effect.sessionFactory = lambda v: SegmentationSession(v, None, slice_predictor=ThresholdModel)
-        effect.buildSession()
+        editor.setActiveEffectByName("UltraSam")
+        self.assertIs(editor.activeEffect().self(), effect)
         self.settle(effect)
+        self.assertIsNotNone(effect.session)
 
         # A positive point at the ball's centre: the preview shows the ball's slice, the segment is untouched.
         center = self.worldOfKji(volume, CENTER_KJI)
