@@ -233,7 +233,6 @@ class UltraSamTrainingWidget(ScriptedLoadableModuleWidget):
             button = qt.QPushButton(text)
             button.connect("clicked()", slot)
             buttons.addWidget(button)
-            setattr(self, text.replace(" ", "").lower() + "Button", button)
         form.addRow(buttons)
 
     def _setupMonitor(self):
