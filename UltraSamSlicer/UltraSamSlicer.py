@@ -64,7 +64,11 @@ def registerEffect() -> None:
 
 
 def registerSampleData() -> None:
-    """Add the RESECT volume to the Sample Data module (a local file URI, verified by SHA256)."""
+    """Add the RESECT volume to the Sample Data module (a local file URI, verified by SHA256).
+
+    ``registerCustomSampleDataSource(..., loadFileTypes=, checksums=)`` as in Slicer 5.8's
+    SampleData.py; SampleData downloads file:// URIs with urllib like any other.
+    """
     import SampleData
 
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
@@ -132,6 +136,8 @@ class UltraSamSlicerLogic(ScriptedLoadableModuleLogic):
                     import PyTorchUtils
                 except ImportError:
                     raise RuntimeError("the PyTorch extension is missing: install 'PyTorch' from the Extensions Manager")
+                # SlicerPyTorch: installTorch(askConfirmation, forceComputationBackend, torchVersionRequirement, ...)
+                # picks the CUDA build for the driver via light-the-torch; None when it did not install.
                 if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=">=2.1") is None:
                     return False
             rest = [requirement for requirement in missing_requirements() if not requirement.startswith("torch")]

@@ -181,7 +181,8 @@ trained without negative points: they may change little).</li>
         pass
 
     def interactionNodeModified(self, interactionNode):
-        # Stay active while the user places markups prompts (the base class would deactivate).
+        # Stay active while the user places markups prompts: the C++ base class deactivates the
+        # effect on any non-ViewTransform mode (qSlicerSegmentEditorAbstractEffect.cxx, 5.8).
         pass
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -283,7 +284,7 @@ trained without negative points: they may change little).</li>
         markups = slicer.vtkMRMLMarkupsNode
         events = (markups.PointPositionDefinedEvent, markups.PointModifiedEvent, markups.PointRemovedEvent)
         for node in self.promptNodes():
-            for event in events:
+            for event in events:  # vtkMRMLMarkupsNode.h: PointPositionDefined/Modified/RemovedEvent
                 self.nodeObservations.append((node, node.AddObserver(event, self.onPromptNodeModified)))
 
     def unobservePromptNodes(self):
@@ -339,6 +340,7 @@ trained without negative points: they may change little).</li>
         self.followView(view)
         node = self.promptNode(positive)
         ras = self.xyToRas(xy, viewWidget)
+        # Remembered by ID, not index: the user may delete other points meanwhile (vtkMRMLMarkupsNode.h).
         pointId = node.GetNthControlPointID(node.AddControlPointWorld(vtk.vtkVector3d(*ras)))
         self.undoStack.append(lambda: self.removeControlPoint(node, pointId))
         self.runTimer.start()
@@ -380,6 +382,8 @@ trained without negative points: they may change little).</li>
             return
         for name in layoutManager.sliceViewNames():
             sliceWidget = layoutManager.sliceWidget(name)
+            # vtkMRMLSliceNode::RotateToVolumePlane (closest volume axis), then put the plane on
+            # voxel centres: vtkMRMLSliceLogic::SnapSliceOffsetToIJK.
             sliceWidget.mrmlSliceNode().RotateToVolumePlane(sourceNode)
             sliceWidget.sliceLogic().SnapSliceOffsetToIJK()
         self.setStatus("Slice views aligned with the source volume.")
@@ -392,7 +396,7 @@ trained without negative points: they may change little).</li>
             return self.onKey(callerInteractor.GetKeySym())
         if callerInteractor.GetShiftKey() or callerInteractor.GetAltKey():
             return False  # Shift moves the crosshair, Alt is the view's: leave them to Slicer
-        interactionNode = slicer.app.applicationLogic().GetInteractionNode()
+        interactionNode = slicer.app.applicationLogic().GetInteractionNode()  # vtkMRMLApplicationLogic
         if interactionNode is not None and interactionNode.GetCurrentInteractionMode() != interactionNode.ViewTransform:
             return False  # the user is placing a markups point or ROI (a prompt too): let Slicer place it
         xy = callerInteractor.GetEventPosition()
