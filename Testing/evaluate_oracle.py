@@ -41,7 +41,7 @@ class OraclePredictor:
             assert known.shape == masks.shape and (known == masks).all(), "two identical images, different truths"
         self.prompts: list[Prompt2D] = []
 
-    def embed(self, images) -> list[ImageEmbedding]:
+    def embed(self, images, cache: bool = True) -> list[ImageEmbedding]:
         return [ImageEmbedding(torch.zeros(1, 1, 1, 1), image.shape[:2], image.shape[:2], _key(image))
                 for image in images]
 

@@ -112,7 +112,9 @@ def evaluate_images(samples: Iterable, predictor: Predictor | None, total: int |
     batch_size = predictor.batch_size if predictor is not None else 1
     with tqdm(total=total, desc="images", unit="image", disable=not progress, file=sys.stderr) as bar:
         for chunk in _chunks(samples, batch_size):
-            embeddings = predictor.embed([s.image for s in chunk]) if predictor is not None else [None] * len(chunk)
+            # each image is embedded once: no use keeping it in the predictor's cache
+            images = [sample.image for sample in chunk]
+            embeddings = [None] * len(chunk) if predictor is None else predictor.embed(images, cache=False)
             for sample, embedding in zip(chunk, embeddings):
                 scores = score_objects(sample.masks, sample.boxes_xyxy, predictor, embedding)
                 rows += [{"dataset": sample.dataset, "image": Path(sample.path).name, "object": n, **score}
