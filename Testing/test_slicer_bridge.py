@@ -324,5 +324,6 @@ def test_slicers_reader_and_the_core_reader_agree_on_a_real_oblique_volume(scene
     from_slicer = mrml_bridge.volume_from_node(node)
     from_core = read_volume(RESECT_CASE3)
     assert from_slicer.shape_kji == from_core.shape_kji == (288, 256, 256)
-    np.testing.assert_allclose(from_slicer.geometry.ijk_to_ras_matrix(), from_core.geometry.ijk_to_ras_matrix(), atol=1e-4)
+    np.testing.assert_allclose(from_slicer.geometry.ijk_to_ras_matrix(), from_core.geometry.ijk_to_ras_matrix(),
+                               atol=1e-4)
     np.testing.assert_array_equal(from_slicer.voxels, from_core.voxels)

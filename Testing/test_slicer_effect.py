@@ -37,7 +37,8 @@ from UltraSamSlicerLib import mrml_bridge  # noqa: E402
 SHAPE = (12, 16, 18)
 IJK_TO_LOCAL = np.array([[0.0, -0.8, 0.0, 4.0], [0.6, 0.0, 0.3, -2.0], [0.0, 0.0, 1.2, 5.0], [0, 0, 0, 1]])
 IJK_TO_LOCAL[:3, :3] = np.linalg.qr(IJK_TO_LOCAL[:3, :3])[0] * [0.6, 0.8, 1.2]  # oblique, anisotropic
-PARENT = np.array([[np.cos(0.4), 0, np.sin(0.4), 3.0], [0, 1, 0, -1.0], [-np.sin(0.4), 0, np.cos(0.4), 2.0], [0, 0, 0, 1]])
+PARENT = np.array([[np.cos(0.4), 0, np.sin(0.4), 3.0], [0, 1, 0, -1.0], [-np.sin(0.4), 0, np.cos(0.4), 2.0],
+                   [0, 0, 0, 1]])
 CENTER_KJI = np.array([6, 8, 9])
 RESERVED_KEYS = set("0123456789zZyYqQwWiI/*,.<>") | {"Escape", "space"}
 
@@ -161,7 +162,8 @@ def test_module_imports_and_registers_at_startup_only(qt_layer):
     slicer.app.reset_mock()
     module.UltraSamSlicer(mock.MagicMock())
     connected = [call.args for call in slicer.app.connect.call_args_list]
-    assert connected == [("startupCompleted()", module.registerEffect), ("startupCompleted()", module.registerSampleData)]
+    assert connected == [("startupCompleted()", module.registerEffect),
+                         ("startupCompleted()", module.registerSampleData)]
     assert module.EFFECT_SOURCE.is_file() and module.SAMPLE_FILE.is_file()
     import hashlib
 

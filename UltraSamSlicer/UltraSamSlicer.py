@@ -135,10 +135,13 @@ class UltraSamSlicerLogic(ScriptedLoadableModuleLogic):
                 try:
                     import PyTorchUtils
                 except ImportError:
-                    raise RuntimeError("the PyTorch extension is missing: install 'PyTorch' from the Extensions Manager")
+                    raise RuntimeError("the PyTorch extension is missing: install 'PyTorch' from the Extensions "
+                                       "Manager")
                 # SlicerPyTorch: installTorch(askConfirmation, forceComputationBackend, torchVersionRequirement, ...)
                 # picks the CUDA build for the driver via light-the-torch; None when it did not install.
-                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=">=2.1") is None:
+                torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                                      torchVersionRequirement=">=2.1")
+                if torch is None:
                     return False
             rest = [requirement for requirement in missing_requirements() if not requirement.startswith("torch")]
             if rest:
@@ -185,7 +188,7 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         self.cacheSpin.setRange(0.25, 64.0)
         self.cacheSpin.setSingleStep(0.5)
         self.cacheSpin.suffix = " GiB"
-        self.cacheSpin.toolTip = "Memory for slice embeddings (about 4 MiB per slice); as much again twice in CPU memory."
+        self.cacheSpin.toolTip = "Memory for slice embeddings (4 MiB per slice); twice as much more in CPU memory."
         form.addRow("Embedding cache:", self.cacheSpin)
         self.loadButton = qt.QPushButton("Load model now")
         form.addRow(self.loadButton)
@@ -208,8 +211,10 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         self.layout.addStretch(1)
 
         self.updateGUIFromSettings()
-        for signal, widget in (("currentIndexChanged(int)", self.sourceCombo), ("currentPathChanged(QString)", self.pathEdit),
-                               ("currentIndexChanged(int)", self.deviceCombo), ("currentIndexChanged(int)", self.precisionCombo),
+        for signal, widget in (("currentIndexChanged(int)", self.sourceCombo),
+                               ("currentPathChanged(QString)", self.pathEdit),
+                               ("currentIndexChanged(int)", self.deviceCombo),
+                               ("currentIndexChanged(int)", self.precisionCombo),
                                ("valueChanged(double)", self.cacheSpin)):
             widget.connect(signal, self.onSettingsChanged)
         self.downloadButton.connect("clicked()", self.onDownload)
@@ -270,7 +275,8 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         from ultrasam.download import OFFICIAL_NAME, download_official_weights
 
         folder = self.logic.weightsFolder()
-        if self.startJob(Job("download", lambda job: download_official_weights(folder, progress=False)), "Downloading..."):
+        download = Job("download", lambda job: download_official_weights(folder, progress=False))
+        if self.startJob(download, "Downloading..."):
             self.partialFile = Path(folder) / (OFFICIAL_NAME + ".part")
             self.downloadButton.enabled = False
 

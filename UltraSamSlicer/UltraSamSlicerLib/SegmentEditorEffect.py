@@ -99,8 +99,9 @@ trained without negative points: they may change little).</li>
 
         self.roiSelector = self._nodeSelector("vtkMRMLMarkupsROINode", "Markups ROI used as a 3D box prompt.")
         self.scriptedEffect.addLabeledOptionsWidget("ROI box:", self.roiSelector)
-        self.pointsSelector = self._nodeSelector("vtkMRMLMarkupsFiducialNode",
-                                                 "More point prompts (positive; attribute UltraSam.PromptLabel=0 makes them negative).")
+        self.pointsSelector = self._nodeSelector(
+            "vtkMRMLMarkupsFiducialNode",
+            "More point prompts (positive; node attribute UltraSam.PromptLabel=0: negative).")
         self.scriptedEffect.addLabeledOptionsWidget("Extra points:", self.pointsSelector)
 
         promptRow = qt.QHBoxLayout()
@@ -425,7 +426,8 @@ trained without negative points: they may change little).</li>
 
     def onKey(self, key):
         """Effect keys, chosen not to clash with the Segment Editor's own (digits, z, y, q, w, i, ...)."""
-        actions = {"p": self.onPropagate, "BackSpace": self.undoLastPrompt, "Return": self.onApply, "KP_Enter": self.onApply}
+        actions = {"p": self.onPropagate, "BackSpace": self.undoLastPrompt,
+                   "Return": self.onApply, "KP_Enter": self.onApply}
         if key not in actions:
             return False
         actions[key]()
@@ -569,7 +571,8 @@ trained without negative points: they may change little).</li>
         if node is not None or not create:
             return node
         segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
-        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", segmentationNode.GetName() + " UltraSam preview")
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                  f"{segmentationNode.GetName()} UltraSam preview")
         node.SetAndObserveTransformNodeID(segmentationNode.GetTransformNodeID())
         node.CreateDefaultDisplayNodes()
         segmentId = self.scriptedEffect.parameterSetNode().GetSelectedSegmentID()

@@ -250,7 +250,9 @@ def nonzero_extent(mask: np.ndarray, origin_ijk: tuple[int, int, int] = (0, 0, 0
     return extent
 
 
-def paint_labelmap(labelmap: slicer.vtkOrientedImageData, mask: np.ndarray, ijk_to_frame: np.ndarray) -> list[int] | None:
+def paint_labelmap(
+    labelmap: slicer.vtkOrientedImageData, mask: np.ndarray, ijk_to_frame: np.ndarray
+) -> list[int] | None:
     """Make ``labelmap`` (e.g. the effect's modifier labelmap) hold ``mask``, on its own grid.
 
     Args:
