@@ -245,3 +245,13 @@ def test_build_model_from_each_init_kind(tmp_path):
     torch.save({"model": {"image_encoder.pos_embed": torch.zeros(1)}}, tmp_path / "sam.pth")
     with pytest.raises(CheckpointError, match="not a USF-MAE checkpoint"):
         build_model(cfg.ModelConfig(init="usf-mae", checkpoint=str(tmp_path / "sam.pth"), scratch=TINY_SAM))
+
+
+def test_object_cap_draws_a_fresh_subset_per_sample_seed():
+    masks = torch.zeros(3, 32, 32, dtype=torch.bool)
+    for n in range(3):
+        masks[n, 10 * n : 10 * n + 1 + n] = True  # objects of 1, 2 and 3 rows
+    sample = SimpleNamespace(image=torch.zeros(32, 32, 3, dtype=torch.uint8).numpy(), masks=masks.numpy(), dataset="d")
+    dataset = PreparedDataset([sample], PrepareOptions(32, max_objects=2, prompt_kind="box", keep_masks=True))
+    drawn = {tuple(sorted(int(m.any(dim=1).sum()) for m in dataset[(0, seed)].masks)) for seed in range(20)}
+    assert drawn == {(1, 2), (1, 3), (2, 3)}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,12 +75,14 @@ def open_datasets(config: DataConfig, seed: int) -> tuple[Sequence[Any], Optiona
 
     Bad annotations are dropped by the reader; the split is deterministic, so every rank gets the same.
     """
-    def open_files(files: Sequence[str]) -> CocoDataset:
-        return CocoDataset(list(files), max_objects=config.max_objects, image_root=config.image_root or None)
+    def open_files(files: Sequence[str], max_objects: int) -> CocoDataset:
+        return CocoDataset(list(files), max_objects=max_objects, image_root=config.image_root or None)
 
-    train_set = open_files(config.train)
+    # Training reads every object; prepare() draws max_objects afresh per step (the reader's own
+    # draw would repeat the same subset every epoch).
+    train_set = open_files(config.train, sys.maxsize)
     if config.val:
-        return train_set, open_files(config.val)
+        return train_set, open_files(config.val, config.max_objects)
     if config.val_fraction == 0:
         return train_set, None
     split = split_dataset(train_set, config.val_fraction, seed, by=config.split_by)
