@@ -24,7 +24,6 @@ import csv
 import io
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ultrasam.atomic import write_text_atomic
 from ultrasam.geometry import Volume
 from ultrasam.intensity import Window
 from ultrasam.predictor import Predictor
@@ -54,6 +54,7 @@ def segment_volume(
     cache: VolumeEmbeddingCache | None = None,
     should_cancel: Callable[[], bool] = lambda: False,
     on_slice: Callable[[SliceResult], None] = lambda result: None,
+    span: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Segment one object in a volume from prompts on one or more key slices.
 
@@ -68,6 +69,7 @@ def segment_volume(
         cache: slice embeddings to reuse (e.g. across runs on the same volume); a new one if None.
         should_cancel: polled before every slice; True raises PropagationCancelled.
         on_slice: called after every segmented slice (progress).
+        span: inclusive (first, last) slice range propagation may reach (default: all slices).
 
     Returns:
         (K, J, I) uint8 mask (1 = object) in ``volume``'s geometry, and the report of
@@ -82,7 +84,7 @@ def segment_volume(
     cache = cache or VolumeEmbeddingCache(predictor)
     lookahead = predictor.batch_size if predictor.device.type == "cuda" else 1
     propagator = Propagator(VolumeSlicePredictor(slices, cache), slices.num_slices, rules, propagate, lookahead)
-    result = propagator.run(key_prompts, should_cancel, on_slice)
+    result = propagator.run(key_prompts, should_cancel, on_slice, span)
     return slices.to_volume(result.masks()), volume_report(slices, result)
 
 
@@ -192,6 +194,7 @@ def run_batch(
     axis: int | str = 0,
     propagate: bool = True,
     rules: StopRules = StopRules(),
+    window: Window | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """Segment every volume of ``prompts_file``; write masks, reports and a summary.
@@ -212,22 +215,22 @@ def run_batch(
     cache = VolumeEmbeddingCache(predictor)
     summary = []
     for job, output in tqdm(list(zip(jobs, outputs)), desc="volumes", unit="vol", disable=not progress):
-        summary.append(_run_job(job, output, predictor, cache, axis, propagate, rules))
+        summary.append(_run_job(job, output, predictor, cache, axis, propagate, rules, window))
         cache.clear()  # volumes do not share slices; keep memory for the next one
-    _write_text(output_dir / "summary.csv", _as_csv(summary))
+    write_text_atomic(output_dir / "summary.csv", _as_csv(summary))
     return summary
 
 
 def _run_job(job: Job, output: Path, predictor: Predictor, cache: VolumeEmbeddingCache,
-             axis: int | str, propagate: bool, rules: StopRules) -> dict:
+             axis: int | str, propagate: bool, rules: StopRules, window: Window | None) -> dict:
     start = time.perf_counter()
     row = {"volume": str(job.volume), "output": str(output), "status": "ok", "error": ""}
     try:
         volume = read_volume(job.volume)
         job_axis = axis if job.axis is None else job.axis
-        mask, report = segment_volume(volume, predictor, job.prompts, job_axis, propagate, rules=rules, cache=cache)
+        mask, report = segment_volume(volume, predictor, job.prompts, job_axis, propagate, window, rules, cache)
         write_mask(mask, volume.geometry, output)
-        _write_text(output.with_name(output.name + ".report.json"), json.dumps(report, indent=1))
+        write_text_atomic(output.with_name(output.name + ".report.json"), json.dumps(report, indent=1))
         ious = [r["iou"] for r in report["slices"] if r["status"] in ("key", "propagated")]
         row.update(key_slices=len(report["key_slices"]), segmented_slices=len(report["segmented_slices"]),
                    volume_ml=report["volume_ml"], mean_iou=round(float(np.mean(ious)), 4) if ious else "")
@@ -250,16 +253,3 @@ def _as_csv(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return text.getvalue()
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (a temporary file, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -11,6 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ultrasam.propagation import StopRules
+
 EXAMPLES = """\
 examples:
   # a 2D ultrasound image, one positive click at pixel (x=120, y=85):
@@ -93,6 +95,16 @@ def _add_volume_options(parser: argparse.ArgumentParser) -> None:
                         "else the 0.5-99.5th percentiles)")
     parser.add_argument("--propagate", action="store_true", help="extend from the prompted slice(s) "
                         "through the whole object")
+    rules = parser.add_argument_group("when propagation stops (the slice that breaks a rule stays empty)")
+    defaults = StopRules()
+    rules.add_argument("--min-iou", type=float, default=defaults.min_iou,
+                       help=f"predicted IoU below this ends the object (default {defaults.min_iou})")
+    rules.add_argument("--max-growth", type=float, default=defaults.max_growth,
+                       help=f"area above this x the previous slice's is a leak (default {defaults.max_growth})")
+    rules.add_argument("--growth-floor", type=int, default=defaults.growth_floor,
+                       help=f"area in pixels below which growth is not judged (default {defaults.growth_floor})")
+    rules.add_argument("--min-area", type=int, default=defaults.min_area,
+                       help=f"a mask with fewer pixels has vanished (default {defaults.min_area})")
 
 
 def _add_segment(commands) -> None:
@@ -119,6 +131,8 @@ def _add_segment(commands) -> None:
                         help="coordinates of prompts: voxel/pixel indices (default), or RAS/LPS mm")
     parser.add_argument("--time-frame", type=int, help="frame of a 4D (3D+t) series")
     parser.add_argument("--report", help="write the per-slice report (JSON) here")
+    parser.add_argument("--span", nargs=2, type=int, metavar=("FIRST", "LAST"),
+                        help="propagate only within slices FIRST..LAST (inclusive)")
     _add_model_options(parser)
     _add_volume_options(parser)
     parser.set_defaults(run=_run_segment)
@@ -152,6 +166,7 @@ def _add_demo(commands) -> None:
     parser = commands.add_parser("demo", help="segment the bundled real ultrasound volume (RESECT case 3)")
     parser.add_argument("-o", "--output", default="demo_output/resect_case3_mask.seg.nrrd")
     _add_model_options(parser)
+    _add_volume_options(parser)
     parser.set_defaults(run=_run_demo)
 
 
@@ -166,7 +181,8 @@ def _run_segment(args: argparse.Namespace, demo_fallback: bool = False) -> int:
     axis = 0 if volume.shape_kji[0] == 1 else args.axis
     with _progress(volume.shape_kji, axis, args.propagate) as on_slice:
         mask, report = segment_volume(volume, predictor, prompts, axis=axis, propagate=args.propagate,
-                                      window=tuple(args.window) if args.window else None, on_slice=on_slice)
+                                      window=_window(args), rules=_stop_rules(args), on_slice=on_slice,
+                                      span=tuple(args.span) if args.span else None)
     write_mask(mask, volume.geometry, args.output)
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2))
@@ -179,7 +195,8 @@ def _run_batch(args: argparse.Namespace) -> int:
 
     predictor, description = _predictor(args)
     print(f"model: {description}", file=sys.stderr)
-    rows = run_batch(args.prompts, predictor, args.output_dir, axis=args.axis, propagate=args.propagate)
+    rows = run_batch(args.prompts, predictor, args.output_dir, axis=args.axis, propagate=args.propagate,
+                     rules=_stop_rules(args), window=_window(args))
     failed = [row for row in rows if row.get("error")]
     print(f"{len(rows) - len(failed)} of {len(rows)} volumes segmented; summary in {args.output_dir}/summary.csv")
     return 1 if failed else 0
@@ -207,9 +224,18 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     args.input, args.time_frame, args.report = str(SAMPLE_VOLUME), None, None
     args.point, args.negative, args.box, args.roi = [list(SAMPLE_POINT_RAS)], [], [], []
-    args.frame, args.axis, args.window, args.propagate = "ras", "k", None, True
+    args.frame, args.propagate, args.span = "ras", True, None
     print(f"demo: {SAMPLE_VOLUME.name} (RESECT case 3, CC BY 4.0), one click at RAS {SAMPLE_POINT_RAS}")
     return _run_segment(args, demo_fallback=True)
+
+
+def _stop_rules(args: argparse.Namespace) -> StopRules:
+    return StopRules(min_area=args.min_area, min_iou=args.min_iou, max_growth=args.max_growth,
+                     growth_floor=args.growth_floor)
+
+
+def _window(args: argparse.Namespace) -> tuple[float, float] | None:
+    return tuple(args.window) if args.window else None
 
 
 def _volume_prompts(args: argparse.Namespace, is_2d: bool):

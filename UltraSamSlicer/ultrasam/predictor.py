@@ -148,19 +148,28 @@ class Predictor:
         return self.model.image_encoder.img_size
 
     # ---- image side ------------------------------------------------------------------------
-    def embed(self, images: Sequence[np.ndarray]) -> list[ImageEmbedding]:
-        """Embed (H, W) or (H, W, 3) uint8 images, in batches, reusing cached embeddings."""
+    def embed(self, images: Sequence[np.ndarray], cache: bool = True) -> list[ImageEmbedding]:
+        """Embed (H, W) or (H, W, 3) uint8 images in batches.
+
+        With ``cache`` the embeddings are kept (and reused) in this predictor's LRU cache; callers
+        that keep their own store, such as the volume cache, pass False.
+        """
         keys = [self._content_key(image) for image in images]
-        missing = [i for i, key in enumerate(keys) if key not in self._cache]
+        known = {key: self._cache[key] for key in keys if cache and key in self._cache}
+        first_of: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            first_of.setdefault(key, i)  # an image given twice is embedded once
+        missing = [i for key, i in first_of.items() if key not in known]
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start:start + self.batch_size]
-            for index, embedding in zip(chunk, self._encode([images[i] for i in chunk], [keys[i] for i in chunk])):
-                self._remember(embedding)
-        results = []
+            for embedding in self._encode([images[i] for i in chunk], [keys[i] for i in chunk]):
+                known[embedding.key] = embedding
+                if cache:
+                    self._remember(embedding)
         for key in keys:
-            self._cache.move_to_end(key)
-            results.append(self._cache[key])
-        return results
+            if cache and key in self._cache:  # a long list may have evicted its own first images
+                self._cache.move_to_end(key)
+        return [known[key] for key in keys]
 
     def set_image(self, image: np.ndarray) -> ImageEmbedding:
         """Embed one image (cached)."""

@@ -56,7 +56,7 @@ class VolumeEmbeddingCache:
         missing = [entry for entry in dict.fromkeys(wanted) if entry not in found]
         if missing:
             images = [slices.image(index) for _, index in missing]
-            for entry, embedding in zip(missing, self.predictor.embed(images)):
+            for entry, embedding in zip(missing, self.predictor.embed(images, cache=False)):
                 found[entry] = _for_use(self._store(entry, embedding))
             self.computed += len(missing)
         return [found[entry] for entry in wanted]
