@@ -19,6 +19,7 @@ from ultrasam import evaluation
 from ultrasam.checkpoint import save_checkpoint
 from ultrasam.evaluation import dice, evaluate_images, evaluate_volume, inscribed_ellipse
 from ultrasam.evaluation_data import open_sources, read_volume_pair, volume_set
+from ultrasam.evaluation_report import markdown, summarise
 from ultrasam.slicing import VolumeSlices
 from ultrasam_training.writer import CocoWriter
 
@@ -58,6 +59,8 @@ def test_a_perfect_model_scores_one_with_box_and_centroid_prompts(tmp_path):
     for key in ("box_dice", "box_iou", "point_dice", "point_iou"):
         assert [r[key] for r in rows] == [1.0] * 9, key
     assert sum(r["point_moved"] for r in rows) == 3  # the C shapes
+    summary = summarise(rows, [])
+    assert "nearest object pixel instead: Shapes 3 of 9." in markdown({"model": "oracle", "datasets": summary})
     boxes = [p.box_xyxy for p in oracle.prompts if p.box_xyxy is not None]
     truth_boxes = [edge_box(m) for s in samples for m in s.masks]
     np.testing.assert_allclose(boxes, truth_boxes)

@@ -78,18 +78,20 @@ def score_objects(masks: np.ndarray, boxes_xyxy: np.ndarray, predictor: Predicto
         predictor, embedding: the model and this image's embedding; None scores the ellipse only.
 
     Returns:
-        One dict per object: ``ellipse_dice``, and with a model ``box_dice``, ``box_iou``,
-        ``point_dice``, ``point_iou``, ``point_xy``, ``point_moved``.
+        One dict per object: ``ellipse_dice``, the point prompt ``point_xy`` and ``point_moved``
+        (see :func:`centroid_point`), and with a model ``box_dice``, ``box_iou``, ``point_dice``,
+        ``point_iou``.
     """
     rows = []
     for truth, box in zip(masks, boxes_xyxy):
-        row = {"ellipse_dice": dice(inscribed_ellipse(box, truth.shape), truth)}
+        point, moved = centroid_point(truth)
+        row = {"ellipse_dice": dice(inscribed_ellipse(box, truth.shape), truth), "point_xy": point.round(2).tolist(),
+               "point_moved": moved}
         if predictor is not None:
-            point, moved = centroid_point(truth)
             by_box = predictor.predict(embedding, Prompt2D(box_xyxy=box)).mask
             by_point = predictor.predict(embedding, Prompt2D(points_xy=[point], labels=[1])).mask
             row.update(box_dice=dice(by_box, truth), box_iou=iou(by_box, truth), point_dice=dice(by_point, truth),
-                       point_iou=iou(by_point, truth), point_xy=point.round(2).tolist(), point_moved=moved)
+                       point_iou=iou(by_point, truth))
         rows.append(row)
     return rows
 

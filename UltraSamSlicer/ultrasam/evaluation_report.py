@@ -41,7 +41,7 @@ def summarise(objects: list[dict], volumes: list[dict]) -> dict:
             entry.update({key: _stats([r[key] for r in members]) for key in keys if key in members[0]})
             if kind == "images":
                 entry["images"] = len({r["image"] for r in members})
-                entry["points_moved"] = sum(bool(r.get("point_moved")) for r in members)
+                entry["points_moved"] = sum(bool(r["point_moved"]) for r in members)
             summary[name if name not in summary else f"{name} ({kind})"] = entry
     return summary
 
@@ -66,6 +66,10 @@ def markdown(results: dict) -> str:
         lines += ["| data set | volumes | 3D Dice (one point) | 3D IoU |", "|---|---:|---|---|"]
         lines += [f"| {name} | {e['n']} | {_cell(e, 'dice3d')} | {_cell(e, 'iou3d')} |" for name, e in volumes.items()]
         lines.append("")
+    moved = [f"{name} {e['points_moved']} of {e['n']}" for name, e in images.items() if e["points_moved"]]
+    if moved:
+        lines += ["Centroids outside their object, clicked at the nearest object pixel instead: "
+                  + ", ".join(moved) + ".", ""]
     lines.append("Mean ± standard deviation over objects (volumes for 3D). Ellipse-in-box: the ellipse "
                  "inscribed in the box prompt, no model. Protocol: docs/EVALUATION.md.")
     return "\n".join(lines) + "\n"
