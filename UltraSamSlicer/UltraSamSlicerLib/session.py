@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ultrasam.geometry import Geometry, Volume
+from ultrasam.intensity import choose_window
 from ultrasam.prompts3d import VolumePrompts, slice_prompts
 from ultrasam.propagation import Propagator, SliceResult, StopRules
 from ultrasam.slicing import VolumeSlices
@@ -120,7 +121,8 @@ class SegmentationSession:
         lookahead: int = 4,
     ) -> None:
         self.volume, self.rules, self.lookahead = volume, rules, lookahead
-        self.window = VolumeSlices(volume, 0).window
+        self.window = choose_window(volume.voxels)
+        self._slices: dict[tuple[int, int, int], VolumeSlices] = {}
         self.axis = 0
         self.cache = cache
         self._make_predictor = slice_predictor or (lambda slices: VolumeSlicePredictor(slices, cache))
@@ -155,9 +157,20 @@ class SegmentationSession:
             on_progress(min(start + batch, slices.num_slices), slices.num_slices)
         return True
 
-    def slices(self) -> VolumeSlices:
-        """The whole volume as slices along the current axis (one window for all)."""
-        return VolumeSlices(self.volume, self.axis, self.window)
+    def slices(self, lo: int = 0, hi: int | None = None) -> VolumeSlices:
+        """Slices ``lo..hi`` (default: all) along the current axis, with the volume's one window.
+
+        The whole stack and the latest crop are kept: building one converts the voxels to 8 bits.
+        """
+        last = self.volume.shape_kji[self.axis] - 1
+        hi = last if hi is None else hi
+        key = (self.axis, lo, hi)
+        if key not in self._slices:
+            volume = self.volume if (lo, hi) == (0, last) else crop(self.volume, self.axis, lo, hi)
+            whole = (self.axis, 0, last)
+            self._slices = {k: v for k, v in self._slices.items() if k == whole}
+            self._slices[key] = VolumeSlices(volume, self.axis, self.window)
+        return self._slices[key]
 
     def run(
         self,
@@ -182,7 +195,7 @@ class SegmentationSession:
             raise ValueError(f"the ROI crosses no slice of the volume along {'kji'[self.axis]}: move or resize it")
         num_slices = self.volume.shape_kji[self.axis]
         lo, hi = span.bounds(sorted(keys), num_slices) if propagate else (0, num_slices - 1)
-        sub = VolumeSlices(crop(self.volume, self.axis, lo, hi), self.axis, self.window)
+        sub = self.slices(lo, hi)
         propagator = self._propagator_for(sub, (self.axis, lo, hi))
         propagator.propagate = propagate
         done, total = [0], (hi - lo + 1 if propagate else len(keys))
