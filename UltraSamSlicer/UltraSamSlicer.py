@@ -251,7 +251,7 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         manager = shared_manager()
         try:
             path = settings.checkpoint_path()
-        except FileNotFoundError as error:
+        except (FileNotFoundError, ImportError) as error:  # ImportError: packages not installed yet
             return str(error)
         return f"Loaded: {manager.description}" if manager.description else f"Ready to load {path}"
 
