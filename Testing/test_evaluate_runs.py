@@ -114,14 +114,20 @@ def busbra_fold1_coco(root, count: int = 3):
     return root / "BUSBRA", masks
 
 
-def test_tiny_random_sam_on_three_real_busbra_images_matches_sam_predictor(tmp_path, tiny_sam):
+def test_tiny_random_sam_on_real_busbra_images_and_volumes_matches_sam_predictor(tmp_path, tiny_sam):
     data, masks = busbra_fold1_coco(tmp_path / "data")
+    volumes = shared_path(MRUS3D)
     checkpoint = save_checkpoint(tmp_path / "tiny.pth", tiny_sam)  # own format: SAM's rules
-    assert run_cli([str(data), "-c", str(checkpoint), "-o", str(tmp_path / "out"), "--device", "cpu",
-                    "--no-progress"]) == 0
+    assert run_cli([str(data), str(volumes), "--limit", "3", "-c", str(checkpoint), "-o", str(tmp_path / "out"),
+                    "--device", "cpu", "--no-progress"]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     rows = results["objects"]
     assert len(rows) == 3 and results["datasets"]["BUSBRA"]["n"] == 3
+    assert [v["volume"] for v in results["volumes"]] == ["obs000.nii.gz", "obs001.nii.gz", "obs002.nii.gz"]
+    for row in results["volumes"]:
+        _, gland = read_volume_pair(volume_set(volumes).pairs[int(row["volume"][3:6])], channel=0)
+        occupied = np.flatnonzero(gland.any(axis=(1, 2)))
+        assert row["key_slice"] == occupied[len(occupied) // 2] and 0 <= row["dice3d"] <= 1
     assert "| BUSBRA | 3 |" in (tmp_path / "out" / "results.md").read_text()
     with Image.open(tmp_path / "out" / "dice.png") as plot:
         assert plot.format == "PNG"

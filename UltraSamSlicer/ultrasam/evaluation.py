@@ -211,7 +211,10 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
 
     parser = subparsers.add_parser(
         "evaluate", help="Dice/IoU of a checkpoint on annotated images and volumes",
-        description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description="Dice and IoU per data set with the GT box and with one click at each object's centroid, "
+                    "the Dice of the ellipse inscribed in the box beside every box figure, and 3D Dice after "
+                    "propagation from one click on the middle slice. Protocol: docs/EVALUATION.md.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", nargs="+", help="COCO file (US-43d style), US-43d folder, raw BUS-BRA or HC18 "
                         "folder, or a folder with images/ and labels/ volumes (3D)")
     parser.add_argument("-o", "--output-dir", required=True, help="folder for results.json, results.md, dice.png")
