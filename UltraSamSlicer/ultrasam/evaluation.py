@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ultrasam.geometry import Volume
 from ultrasam.predictor import ImageEmbedding, Predictor, Prompt2D
 from ultrasam.prompts3d import VolumePrompts
 from ultrasam.slicing import VolumeSlices
@@ -153,11 +154,11 @@ def volume_prompt(slices: VolumeSlices, truth_kji: np.ndarray) -> tuple[VolumePr
     return VolumePrompts(slices.slice_to_ijk(middle, [point]), [1], frame="ijk"), middle, moved
 
 
-def evaluate_volume(volume, truth_kji: np.ndarray, predictor: Predictor, axis: int | str = 0) -> dict:
+def evaluate_volume(volume: Volume, truth_kji: np.ndarray, predictor: Predictor, axis: int | str = 0) -> dict:
     """3D Dice and IoU after propagation from :func:`volume_prompt`.
 
     Args:
-        volume: the image :class:`~ultrasam.geometry.Volume`.
+        volume: the image, (K, J, I) voxels and geometry.
         truth_kji: (K, J, I) bool structure on the volume's grid.
 
     Returns:
