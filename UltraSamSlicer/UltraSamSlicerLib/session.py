@@ -8,9 +8,9 @@ and calls :meth:`SegmentationSession.run` on the worker thread; everything betwe
 - the slicing axis follows the view the user prompts in (points stay valid: they are 3D);
 - a live preview segments the key slices only; "Propagate" walks out from them, and later
   prompts re-run propagation incrementally (only the walks a changed key slice affects);
-- propagation can be limited to one direction or a slice range: the volume is cropped to that
-  range along the axis, so nothing outside it is computed;
-- one intensity window for the whole volume, whatever range is cropped.
+- propagation can be limited to one direction or a slice range (the core's span: nothing outside
+  it is computed, and changing it reuses what is still valid);
+- one intensity window for the whole volume.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ultrasam.geometry import Geometry, Volume
+from ultrasam.geometry import Volume
 from ultrasam.intensity import choose_window
 from ultrasam.prompts3d import VolumePrompts, slice_prompts
 from ultrasam.propagation import Propagator, SliceResult, StopRules
@@ -89,17 +89,6 @@ class SessionResult:
         return text + (f"; stopped: {', '.join(stops)}" if stops else "")
 
 
-def crop(volume: Volume, axis: int, lo: int, hi: int) -> Volume:
-    """Slices ``lo..hi`` (inclusive) of ``volume`` along numpy ``axis``, with matching geometry."""
-    take = [slice(None)] * 3
-    take[axis] = slice(lo, hi + 1)
-    offset_ijk = np.zeros(3)
-    offset_ijk[2 - axis] = lo
-    geometry = volume.geometry
-    moved = Geometry(geometry.ijk_to_lps(offset_ijk), geometry.spacing, geometry.direction_lps)
-    return Volume(volume.voxels[tuple(take)], moved, volume.name)
-
-
 class SegmentationSession:
     """Prompts -> mask for one object in one volume, reusing work between runs.
 
@@ -107,8 +96,8 @@ class SegmentationSession:
         volume: voxels with geometry ijk -> world RAS (from :mod:`mrml_bridge`).
         cache: the loaded model's slice-embedding store (shared across volumes and runs).
         rules: when propagation stops.
-        slice_predictor: builds the per-slice predictor for a cropped volume's slices (tests pass
-            a fake); defaults to :class:`VolumeSlicePredictor` over ``cache``.
+        slice_predictor: builds the per-slice predictor for the volume's slices along an axis (tests
+            pass a fake); defaults to :class:`VolumeSlicePredictor` over ``cache``.
         lookahead: slices embedded per batch while propagating.
     """
 
@@ -122,23 +111,22 @@ class SegmentationSession:
     ) -> None:
         self.volume, self.rules, self.lookahead = volume, rules, lookahead
         self.window = choose_window(volume.voxels)
-        self._slices: dict[tuple[int, int, int], VolumeSlices] = {}
+        self._slices: VolumeSlices | None = None
         self.axis = 0
         self.cache = cache
         self._make_predictor = slice_predictor or (lambda slices: VolumeSlicePredictor(slices, cache))
         self._propagator: Propagator | None = None
-        self._propagator_key: tuple | None = None
 
     def set_rules(self, rules: StopRules) -> None:
         """Use new stop rules from the next run on (earlier walks are recomputed)."""
         if rules != self.rules:
-            self.rules, self._propagator, self._propagator_key = rules, None, None
+            self.rules, self._propagator = rules, None
 
     def set_axis(self, axis: int) -> bool:
         """Segment along numpy ``axis`` from now on; True when that changed it (results reset)."""
         if axis == self.axis:
             return False
-        self.axis, self._propagator, self._propagator_key = axis, None, None
+        self.axis, self._propagator, self._slices = axis, None, None
         return True
 
     def embed_all(self, should_cancel: Callable[[], bool] = lambda: False,
@@ -157,20 +145,11 @@ class SegmentationSession:
             on_progress(min(start + batch, slices.num_slices), slices.num_slices)
         return True
 
-    def slices(self, lo: int = 0, hi: int | None = None) -> VolumeSlices:
-        """Slices ``lo..hi`` (default: all) along the current axis, with the volume's one window.
-
-        The whole stack and the latest crop are kept: building one converts the voxels to 8 bits.
-        """
-        last = self.volume.shape_kji[self.axis] - 1
-        hi = last if hi is None else hi
-        key = (self.axis, lo, hi)
-        if key not in self._slices:
-            volume = self.volume if (lo, hi) == (0, last) else crop(self.volume, self.axis, lo, hi)
-            whole = (self.axis, 0, last)
-            self._slices = {k: v for k, v in self._slices.items() if k == whole}
-            self._slices[key] = VolumeSlices(volume, self.axis, self.window)
-        return self._slices[key]
+    def slices(self) -> VolumeSlices:
+        """The volume as 8-bit slices along the current axis, with its one window (built once)."""
+        if self._slices is None:
+            self._slices = VolumeSlices(self.volume, self.axis, self.window)
+        return self._slices
 
     def run(
         self,
@@ -187,37 +166,23 @@ class SegmentationSession:
             ultrasam.propagation.PropagationCancelled: ``should_cancel`` said so; the previous
                 result is kept for the next run.
         """
-        mask = np.zeros(self.volume.shape_kji, dtype=np.uint8)
         if prompts.is_empty():
-            return SessionResult(mask, self.axis)
-        keys = slice_prompts(self.slices(), prompts)
+            return SessionResult(np.zeros(self.volume.shape_kji, dtype=np.uint8), self.axis)
+        slices = self.slices()
+        keys = slice_prompts(slices, prompts)
         if not keys:
             raise ValueError(f"the ROI crosses no slice of the volume along {'kji'[self.axis]}: move or resize it")
-        num_slices = self.volume.shape_kji[self.axis]
-        lo, hi = span.bounds(sorted(keys), num_slices) if propagate else (0, num_slices - 1)
-        sub = self.slices(lo, hi)
-        propagator = self._propagator_for(sub, (self.axis, lo, hi))
-        propagator.propagate = propagate
-        done, total = [0], (hi - lo + 1 if propagate else len(keys))
+        span_range = span.bounds(sorted(keys), slices.num_slices) if propagate else None
+        if self._propagator is None:
+            self._propagator = Propagator(self._make_predictor(slices), slices.num_slices, self.rules,
+                                          lookahead=self.lookahead)
+        self._propagator.propagate = propagate
+        first, last = span_range or (0, slices.num_slices - 1)
+        done, total = [0], (last - first + 1 if propagate else len(keys))
 
         def on_slice(result: SliceResult) -> None:
             done[0] += 1
             on_progress(min(done[0], total), total)
 
-        result = propagator.run({k - lo: p for k, p in keys.items()}, should_cancel, on_slice)
-        take = [slice(None)] * 3
-        take[self.axis] = slice(lo, hi + 1)
-        mask[tuple(take)] = sub.to_volume(result.masks())
-        reports = [_shift(s, lo) for s in result.slices.values()]
-        return SessionResult(mask, self.axis, reports, propagate)
-
-    def _propagator_for(self, slices: VolumeSlices, key: tuple) -> Propagator:
-        if self._propagator is None or self._propagator_key != key:
-            self._propagator = Propagator(self._make_predictor(slices), slices.num_slices, self.rules,
-                                          lookahead=self.lookahead)
-            self._propagator_key = key
-        return self._propagator
-
-
-def _shift(result: SliceResult, lo: int) -> SliceResult:
-    return SliceResult(result.index + lo, result.key + lo, result.mask, result.iou, result.area, result.stop)
+        result = self._propagator.run(keys, should_cancel, on_slice, span_range)
+        return SessionResult(slices.to_volume(result.masks()), self.axis, list(result.slices.values()), propagate)
