@@ -179,3 +179,10 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path, tiny_sam):
     torch.save(state, path)
     with pytest.raises(CheckpointError, match=r"1 missing .*iou_token.*1 unexpected .*extra_head"):
         load_model(path)
+
+
+def test_own_format_keeps_the_inference_rules_it_was_trained_with(tmp_path, tiny_sam):
+    trained = load_model(save_checkpoint(tmp_path / "a.pth", tiny_sam, {"postprocess": "ultrasam"}))
+    plain = load_model(save_checkpoint(tmp_path / "b.pth", tiny_sam, {}))
+    assert trained.info["postprocess"] == "ultrasam" and trained.is_ultrasam
+    assert plain.info["postprocess"] == "sam"

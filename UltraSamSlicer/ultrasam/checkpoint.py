@@ -330,7 +330,9 @@ def _identify(raw: Any, path: Path) -> tuple[str, dict[str, torch.Tensor], dict[
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"{path}: holds a {type(raw).__name__}, not a checkpoint dictionary")
     if raw.get("format") == OWN_FORMAT:
-        return OWN_FORMAT, _tensors_only(raw["model"], path), {"meta": dict(raw.get("meta", {}))}
+        meta = dict(raw.get("meta", {}))
+        rules = {"postprocess": meta["postprocess"]} if meta.get("postprocess") in ("ultrasam", "sam") else {}
+        return OWN_FORMAT, _tensors_only(raw["model"], path), {**rules, "meta": meta}
     for wrapper in (None, "state_dict", "model"):
         candidate = raw if wrapper is None else raw.get(wrapper)
         if not isinstance(candidate, Mapping):

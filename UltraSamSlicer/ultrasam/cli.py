@@ -33,6 +33,9 @@ examples:
   # many volumes from one prompts file (JSON or CSV), see `ultrasam batch --help`:
   ultrasam batch prompts.json -c UltraSam.pth --output-dir masks/
 
+  # Dice/IoU of a model with box and centroid-click prompts, beside the ellipse-in-box baseline:
+  ultrasam evaluate busbra/ hc18/ -c UltraSam.pth -o eval/
+
   ultrasam info UltraSam.pth     # what the loader finds in a checkpoint
   ultrasam download              # fetch the official UltraSam weights (needs internet)
   ultrasam demo                  # segment the bundled real ultrasound volume
@@ -63,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ultrasam.evaluation import add_evaluate_parser
+
     training = "".join(f"\n  {name:<12}{text}" for name, (_, text) in DELEGATED.items())
     parser = argparse.ArgumentParser(
         prog="ultrasam", description="UltraSam: SAM trained on ultrasound, for images and 3D volumes."
@@ -75,10 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(commands)
     _add_download(commands)
     _add_demo(commands)
+    add_evaluate_parser(commands)
     return parser
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--checkpoint", help="UltraSam, SAM, MedSAM or UltraSamTraining checkpoint "
                         "(default: the downloaded UltraSam weights, see `ultrasam download`)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu")
@@ -133,7 +139,7 @@ def _add_segment(commands) -> None:
     parser.add_argument("--report", help="write the per-slice report (JSON) here")
     parser.add_argument("--span", nargs=2, type=int, metavar=("FIRST", "LAST"),
                         help="propagate only within slices FIRST..LAST (inclusive)")
-    _add_model_options(parser)
+    add_model_options(parser)
     _add_volume_options(parser)
     parser.set_defaults(run=_run_segment)
 
@@ -145,7 +151,7 @@ def _add_batch(commands) -> None:
                                  description=batch.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompts", help="JSON or CSV prompts file")
     parser.add_argument("--output-dir", required=True, help="folder for masks, report.json and summary.csv")
-    _add_model_options(parser)
+    add_model_options(parser)
     _add_volume_options(parser)
     parser.set_defaults(run=_run_batch)
 
@@ -165,7 +171,7 @@ def _add_download(commands) -> None:
 def _add_demo(commands) -> None:
     parser = commands.add_parser("demo", help="segment the bundled real ultrasound volume (RESECT case 3)")
     parser.add_argument("-o", "--output", default="demo_output/resect_case3_mask.seg.nrrd")
-    _add_model_options(parser)
+    add_model_options(parser)
     _add_volume_options(parser)
     parser.set_defaults(run=_run_demo)
 
@@ -176,7 +182,7 @@ def _run_segment(args: argparse.Namespace, demo_fallback: bool = False) -> int:
 
     volume = read_volume(args.input, frame=args.time_frame)
     prompts = _volume_prompts(args, volume.shape_kji[0] == 1)
-    predictor, description = _predictor(args, demo_fallback)
+    predictor, description = predictor_from_args(args, demo_fallback)
     print(f"model: {description}", file=sys.stderr)
     axis = 0 if volume.shape_kji[0] == 1 else args.axis
     with _progress(volume.shape_kji, axis, args.propagate) as on_slice:
@@ -193,7 +199,7 @@ def _run_segment(args: argparse.Namespace, demo_fallback: bool = False) -> int:
 def _run_batch(args: argparse.Namespace) -> int:
     from ultrasam.batch import run_batch
 
-    predictor, description = _predictor(args)
+    predictor, description = predictor_from_args(args)
     print(f"model: {description}", file=sys.stderr)
     rows = run_batch(args.prompts, predictor, args.output_dir, axis=args.axis, propagate=args.propagate,
                      rules=_stop_rules(args), window=_window(args))
@@ -260,7 +266,7 @@ def _volume_prompts(args: argparse.Namespace, is_2d: bool):
     return prompts
 
 
-def _predictor(args: argparse.Namespace, demo_fallback: bool = False):
+def predictor_from_args(args: argparse.Namespace, demo_fallback: bool = False):
     """The model named on the command line, else the downloaded UltraSam weights, else (for the
     demo only) the untrained demonstration model; wrapped in a Predictor, with a description."""
     from ultrasam.checkpoint import load_model

@@ -207,7 +207,7 @@ examples:
 
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``evaluate`` on the ``ultrasam`` command's subparsers."""
-    from ultrasam.cli import _add_model_options
+    from ultrasam.cli import add_model_options
     from ultrasam.evaluation_data import SPLITS
 
     parser = subparsers.add_parser(
@@ -230,20 +230,20 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--axis", default="k", help="slicing axis of volumes: k, j, i or numpy 0, 1, 2")
     parser.add_argument("--label-channel", type=int, default=0, help="structure of a 4D label volume (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_model_options(parser)
+    add_model_options(parser)
     parser.set_defaults(run=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate, write ``results.json``, ``results.md`` and ``dice.png``, print the table."""
-    from ultrasam.cli import _predictor  # the CLI's choice of model and mode, so results match it
+    from ultrasam.cli import predictor_from_args  # the CLI's choice of model and mode, so results match it
     from ultrasam.evaluation_data import ImageSet, open_sources
     from ultrasam.evaluation_report import summarise, write_results
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
-    predictor, description = (None, "none (ellipse baseline only)") if args.baseline_only else _predictor(args)
+    predictor, description = (None, "none (ellipse baseline only)") if args.baseline_only else predictor_from_args(args)
     print(f"model: {description}", file=sys.stderr)
     progress = not args.no_progress
     images, volumes = [], []

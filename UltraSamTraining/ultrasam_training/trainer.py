@@ -180,7 +180,7 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
         final = run_dir / FINAL_FILE
         if procs.main:
             save_checkpoint(final, sam, {"step": step, "best_val_dice": best if best > float("-inf") else None,
-                                         "config": config.to_dict()})
+                                         "config": config.to_dict(), "postprocess": _inference_rules(config)})
             log.write("done", step, model=str(final),
                       best=str(run_dir / BEST_FILE) if (run_dir / BEST_FILE).is_file() else None)
         return final
@@ -235,7 +235,8 @@ def _validate(sam, val_set, config: TrainConfig, autocast, step: int, best: floa
     improved = scores["dice"] > best
     if improved:
         best = scores["dice"]
-        save_checkpoint(run_dir / BEST_FILE, sam, {"step": step, "val": scores, "config": config.to_dict()})
+        save_checkpoint(run_dir / BEST_FILE, sam, {"step": step, "val": scores, "config": config.to_dict(),
+                                                   "postprocess": _inference_rules(config)})
     log.write("val", step, best=improved, **scores)
     return best
 
@@ -303,3 +304,8 @@ def _load_state(path: Path, sam, optimizer, scheduler, procs: Processes) -> tupl
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return int(state["step"]), float(state["best_dice"])
+
+
+def _inference_rules(config: TrainConfig) -> str:
+    """The predictor mode matching how the model was trained: UltraSam's refine round, or one pass."""
+    return "ultrasam" if config.prompts.refine else "sam"
