@@ -428,3 +428,27 @@ def test_the_effect_loads_the_chosen_checkpoint_and_reloads_when_it_changes(effe
     assert "second.pth" in shared_manager().description
     assert effect.result is not None  # the prompts ran again with the new model
     shared_manager().unload()
+
+
+def test_a_markups_roi_prompts_every_slice_it_crosses_and_resizing_it_reruns(effect, scene):
+    ijk_to_world = PARENT @ IJK_TO_LOCAL
+    spacing = np.linalg.norm(ijk_to_world[:3, :3], axis=0)
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+    frame = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")  # ROI axes along the volume's grid
+    frame.SetMatrixTransformToParent(mrml_bridge.numpy_to_matrix(
+        np.r_[np.c_[ijk_to_world[:3, :3] / spacing, world_of_kji([6, 8, 9])[0]], [[0, 0, 0, 1]]]))
+    roi.SetAndObserveTransformNodeID(frame.GetID())
+    roi.SetCenter(0.0, 0.0, 0.0)
+    roi.SetSize(*(spacing * [12.0, 12.0, 2.6]))  # k from 4.7 to 7.3: slices 5, 6, 7
+    effect.roiSelector = types.SimpleNamespace(currentNode=lambda: roi)
+    effect.onPromptNodesChanged(roi)
+    effect.runPrompts()
+    settle(effect)
+    assert preview_kji(effect, scene) == ball_voxels({5, 6, 7})
+
+    effect.runTimer.reset_mock()
+    roi.SetSize(*(spacing * [12.0, 12.0, 0.6]))  # now slice 6 only
+    assert effect.runTimer.start.called  # the resize is observed
+    effect.runPrompts()
+    settle(effect)
+    assert preview_kji(effect, scene) == ball_voxels({6})

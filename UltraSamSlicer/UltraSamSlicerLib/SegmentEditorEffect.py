@@ -283,9 +283,11 @@ trained without negative points: they may change little).</li>
         """Re-run whenever a prompt node's points are placed, moved or removed."""
         self.unobservePromptNodes()
         markups = slicer.vtkMRMLMarkupsNode
-        events = (markups.PointPositionDefinedEvent, markups.PointModifiedEvent, markups.PointRemovedEvent)
+        # vtkMRMLMarkupsNode.h: points placed, moved, removed; a moved parent transform; an ROI resized.
+        events = (markups.PointPositionDefinedEvent, markups.PointModifiedEvent, markups.PointRemovedEvent,
+                  markups.TransformModifiedEvent)
         for node in self.promptNodes():
-            for event in events:  # vtkMRMLMarkupsNode.h: PointPositionDefined/Modified/RemovedEvent
+            for event in events + ((vtk.vtkCommand.ModifiedEvent,) if node.IsA("vtkMRMLMarkupsROINode") else ()):
                 self.nodeObservations.append((node, node.AddObserver(event, self.onPromptNodeModified)))
 
     def unobservePromptNodes(self):

@@ -39,7 +39,8 @@ class BridgeError(ValueError):
 
 @dataclass(frozen=True)
 class RoiBox:
-    """An oriented 3D box in world RAS (a markups ROI, possibly rotated).
+    """An oriented 3D box in world RAS (a markups ROI, possibly rotated); the fields of
+    :class:`ultrasam.prompts3d.Roi`, kept here so that the bridge loads without torch.
 
     Attributes:
         center_ras: (3,) centre in world RAS mm.
@@ -50,11 +51,6 @@ class RoiBox:
     center_ras: np.ndarray
     axes_ras: np.ndarray
     half_size: np.ndarray
-
-    def corners_ras(self) -> np.ndarray:
-        """(8, 3) world RAS corners."""
-        signs = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=float)
-        return self.center_ras + (signs * self.half_size) @ self.axes_ras.T
 
 
 @dataclass(frozen=True)
