@@ -7,7 +7,7 @@ the report lists the usable indices, and ``dataset.subset(report.good)`` trains 
 
 Command line (``ultrasam check-data`` wraps it)::
 
-    python -m ultrasam_training.check data/US43d --split train
+    ultrasam check-data data/US43d --split train
 """
 
 from __future__ import annotations
@@ -81,12 +81,12 @@ def check_dataset(dataset: CocoDataset, progress: bool = True) -> CheckReport:
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the check report of COCO files / US-43d folders; exit 1 when nothing is usable."""
     parser = argparse.ArgumentParser(
-        prog="python -m ultrasam_training.check",
+        prog="ultrasam check-data",
         description="Check training data (US-43d COCO layout): missing files, bad or empty masks, "
                     "size mismatches. Bad samples are reported and skipped, never fatal.",
         epilog="examples:\n"
-               "  python -m ultrasam_training.check data/BUSBRA/annotations/BUSBRA__coco.json\n"
-               "  python -m ultrasam_training.check data/US43d --split train --examples 10",
+               "  ultrasam check-data data/BUSBRA/annotations/BUSBRA__coco.json\n"
+               "  ultrasam check-data data/US43d --split train --examples 10",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sources", nargs="+", help="COCO files, or folders holding <dataset>/annotations/")
     parser.add_argument("--split", choices=("train", "val", "test"), default=None,

@@ -1,4 +1,4 @@
-"""``python -m ultrasam_training.convert``: turn public or own data into US-43d training data.
+"""``ultrasam convert``: turn public or own data into US-43d training data.
 
 Every converter writes ``<out>/<name>/images/*.png`` and ``<out>/<name>/annotations/*__coco.json``
 (class-agnostic COCO, RLE masks, one instance per connected component), atomically: a failed run
@@ -21,19 +21,19 @@ DEFAULT_NAMES = {"busbra": "BUSBRA", "hc18": "HC", "segthy": "segthy-dataset", "
 
 EXAMPLES = """examples:
   # BUS-BRA with its official test split (fold 1 of 5-fold-cv.csv -> test.BUSBRA__coco.json)
-  python -m ultrasam_training.convert busbra ~/data/BUSBRA data/US43d
+  ultrasam convert busbra ~/data/BUSBRA data/US43d
   # HC18 training set: head outlines filled and checked against pixel_size_and_HC.csv
-  python -m ultrasam_training.convert hc18 ~/data/HC18/training_set data/US43d
+  ultrasam convert hc18 ~/data/HC18/training_set data/US43d
   # published 3D sets, sliced as UltraSam did (regPro: sagittal, 4D label channels)
-  python -m ultrasam_training.convert regpro ~/data/muRegPro data/US43d
+  ultrasam convert regpro ~/data/muRegPro data/US43d
   # your own volumes: NIfTI/NRRD images + label maps paired by file name, sliced along i
-  python -m ultrasam_training.convert volume --images vols/ --labels segs/ --label-suffix _seg \\
+  ultrasam convert volume --images vols/ --labels segs/ --label-suffix _seg \\
       --axis i --name MyProstate data/US43d
   # 2D+time sequences (CAMUS-like), frame by frame
-  python -m ultrasam_training.convert frames --images seqs/ --labels seqs_gt/ --label-suffix _gt \\
+  ultrasam convert frames --images seqs/ --labels seqs_gt/ --label-suffix _gt \\
       --name MyEcho data/US43d
 then check and train:
-  python -m ultrasam_training.check data/US43d
+  ultrasam check-data data/US43d
 """
 
 
@@ -52,7 +52,7 @@ def _folder_converter(args: argparse.Namespace, writer: CocoWriter) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m ultrasam_training.convert",
+        prog="ultrasam convert",
         description="Convert public or own data into US-43d training data (8-bit PNG images, class-agnostic "
                     "COCO RLE masks, one instance per connected component).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
