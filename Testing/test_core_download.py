@@ -74,3 +74,21 @@ def test_rejects_a_file_that_is_not_ultrasam(tmp_path):
 def test_unreachable_server_says_what_to_do(tmp_path):
     with pytest.raises(ConnectionError, match="--checkpoint"):
         download_official_weights(tmp_path, url="http://127.0.0.1:9/UltraSam.pth", progress=False)
+
+
+def test_progress_callback_and_cancel(tmp_path, tiny_sam):
+    source = tmp_path / "source.pth"
+    save_ultrasam_checkpoint(tiny_sam.state_dict(), source)
+    body = source.read_bytes()
+    server = _Server(body)
+    seen = []
+    try:
+        with pytest.raises(InterruptedError, match="cancelled"):
+            download_official_weights(tmp_path / "c", url=server.url, progress=lambda r, t: seen.append((r, t)),
+                                      should_cancel=lambda: len(seen) >= 2)
+        assert not (tmp_path / "c" / OFFICIAL_NAME).exists()
+        path = download_official_weights(tmp_path / "c", url=server.url, progress=lambda r, t: seen.append((r, t)))
+    finally:
+        server.close()
+    assert path.read_bytes() == body
+    assert seen[-1] == (len(body), len(body)) and all(t == len(body) for _, t in seen)

@@ -9,7 +9,6 @@ even before the dependencies are installed.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import os
 import threading
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 
 OFFICIAL = "official"  # ModelSettings.checkpoint value meaning "the downloaded UltraSam weights"
 DEVICES = ("auto", "cuda", "cpu")
-PRECISIONS = ("auto", "float32")
+PRECISIONS = ("auto", "float32")  # a subset of ultrasam.device.PRECISIONS (not imported: no torch yet)
 
 # What the extension needs beyond Slicer itself: (import name, pip requirement). torch and
 # torchvision come from the SlicerPyTorch extension, which picks the build for the GPU driver.
@@ -102,11 +101,8 @@ def _load(settings: ModelSettings):
         raise ValueError(f"device must be one of {DEVICES} and precision one of {PRECISIONS}")
     path = settings.checkpoint_path()
     loaded = load_model(path, device="cpu")
-    options = {"device": settings.device, "mode": loaded.info.get("postprocess", "sam")}
-    if settings.precision != "auto":
-        if "precision" not in inspect.signature(Predictor).parameters:
-            raise ValueError("this version of the ultrasam core has no precision choice: set Precision to 'auto'")
-        options["precision"] = settings.precision
+    options = {"device": settings.device, "mode": loaded.info.get("postprocess", "sam"),
+               "precision": settings.precision}
     predictor = Predictor(loaded.model, **options)
     budget = int(settings.cache_gib * GIB)
     cache = VolumeEmbeddingCache(predictor, device_bytes=budget, host_bytes=2 * budget)

@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def choose_device(requested: str | torch.device = "auto") -> torch.device:
@@ -31,8 +32,19 @@ def choose_device(requested: str | torch.device = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (UltraSam's encoder keeps mask IoU >= 0.99 in bf16); fp32 elsewhere."""
+def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """The image encoder's numeric mode.
+
+    "auto": bf16 autocast on CUDA GPUs that support it (UltraSam's encoder keeps mask IoU >= 0.99
+    against fp32 there), fp32 elsewhere; "float32": always fp32; "bfloat16": bf16 autocast on any
+    device that has it (CUDA, or a CPU with native bf16).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "float32":
+        return contextlib.nullcontext()
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "bfloat16" and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()

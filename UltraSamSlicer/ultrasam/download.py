@@ -11,8 +11,9 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
-from tqdm.auto import tqdm
+Progress = Callable[[int, int], None]  # (bytes received so far, total bytes or 0 if unknown)
 
 OFFICIAL_URL = "https://s3.unistra.fr/camma_public/github/ultrasam/UltraSam.pth"
 OFFICIAL_NAME = "UltraSam.pth"
@@ -34,8 +35,15 @@ def cached_official_weights(folder: str | os.PathLike | None = None) -> Path | N
 
 
 def download_official_weights(folder: str | os.PathLike | None = None, url: str = OFFICIAL_URL,
-                              progress: bool = True) -> Path:
-    """Fetch UltraSam.pth into ``folder`` (resuming), check it loads, and return its path."""
+                              progress: bool | Progress = True,
+                              should_cancel: Callable[[], bool] = lambda: False) -> Path:
+    """Fetch UltraSam.pth into ``folder`` (resuming), check it loads, and return its path.
+
+    Args:
+        progress: True for a terminal progress bar, False for none, or a callback taking
+            (received, total) bytes (the Slicer panel's progress bar).
+        should_cancel: polled between chunks; True stops with the part file kept for resuming.
+    """
     from ultrasam.checkpoint import CheckpointError, load_model
 
     target = Path(folder or cache_dir()) / OFFICIAL_NAME
@@ -43,7 +51,7 @@ def download_official_weights(folder: str | os.PathLike | None = None, url: str 
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".part")
-    _fetch(url, partial, progress)
+    _fetch(url, partial, _reporter(progress), should_cancel)
     try:
         loaded = load_model(partial)
     except CheckpointError as error:
@@ -56,7 +64,7 @@ def download_official_weights(folder: str | os.PathLike | None = None, url: str 
     return target
 
 
-def _fetch(url: str, partial: Path, progress: bool) -> None:
+def _fetch(url: str, partial: Path, report: Progress, should_cancel: Callable[[], bool]) -> None:
     """Append the rest of ``url`` to ``partial``, asking the server for the missing range only."""
     have = partial.stat().st_size if partial.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -75,15 +83,32 @@ def _fetch(url: str, partial: Path, progress: bool) -> None:
         if have and response.status != 206:  # server ignored the range: start again
             have = 0
         total = have + int(response.headers.get("Content-Length", 0) or 0)
-        with open(partial, "ab" if have else "wb") as stream, tqdm(
-            total=total or None, initial=have, unit="B", unit_scale=True, desc=OFFICIAL_NAME,
-            disable=not progress,
-        ) as bar:
+        received = have
+        with open(partial, "ab" if have else "wb") as stream:
             while chunk := response.read(CHUNK):
+                if should_cancel():
+                    raise InterruptedError(f"download cancelled at {received} bytes; run it again to resume")
                 stream.write(chunk)
-                bar.update(len(chunk))
-    received = partial.stat().st_size
+                received += len(chunk)
+                report(received, total)
     if total and received < total:
         raise ConnectionError(
             f"download of {url} stopped at {received} of {total} bytes; run the same command again to resume"
         )
+
+
+def _reporter(progress: bool | Progress) -> Progress:
+    """A (received, total) callback: the caller's, a tqdm bar, or nothing."""
+    if callable(progress):
+        return progress
+    if not progress:
+        return lambda received, total: None
+    from tqdm.auto import tqdm  # only for terminal use; Slicer passes its own callback
+
+    bar = tqdm(unit="B", unit_scale=True, desc=OFFICIAL_NAME)
+
+    def report(received: int, total: int) -> None:
+        bar.total = total or None
+        bar.update(received - bar.n)
+
+    return report

@@ -129,12 +129,17 @@ class Predictor:
         device: "auto", "cuda", "mps", "cpu" or a torch.device.
         mode: "ultrasam" or "sam" (see the module docstring).
         cache_size: how many image embeddings to keep (least recently used dropped first).
+        batch_size: images per image-encoder call.
+        precision: "auto", "float32" or "bfloat16" for the image encoder (see
+            :func:`ultrasam.device.autocast_for`); the decoder always runs in fp32.
     """
 
     def __init__(self, model: Sam, device: str | torch.device = "auto", mode: str = "ultrasam",
-                 cache_size: int = 32, batch_size: int = 4) -> None:
+                 cache_size: int = 32, batch_size: int = 4, precision: str = "auto") -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        autocast_for(torch.device("cpu"), precision)  # validates the name
+        self.precision = precision
         self.device = choose_device(device)
         self.model = model.to(self.device).eval()
         self.mode = mode
@@ -189,7 +194,7 @@ class Predictor:
     def _encode(self, images: list[np.ndarray], keys: list[str]) -> list[ImageEmbedding]:
         inputs, sizes = zip(*(self._preprocess(image) for image in images))
         batch = torch.cat(inputs)
-        with autocast_for(self.device):
+        with autocast_for(self.device, self.precision):
             features = self.model.image_encoder(batch)
         features = features.float()
         return [
