@@ -37,13 +37,18 @@ def _tiny_encoder() -> ImageEncoderViT:
     return encoder.eval()
 
 
+FOLD = pytest.mark.parametrize("fold", [False, True], ids=["bias-as-mask", "bias-folded-into-qk"])
+
+
+@FOLD
 @pytest.mark.parametrize("grid", [(14, 14), (24, 40)], ids=["windowed-14x14", "global-24x40"])
-def test_fused_attention_matches_original(grid):
+def test_fused_attention_matches_original(grid, fold):
     torch.manual_seed(0)
     original = Attention(dim=96, num_heads=4, use_rel_pos=True, input_size=grid)
     _randomise_rel_pos(original)
     fused = copy.deepcopy(original)
     fused.__class__ = FusedAttention  # what accelerate_image_encoder does to each block
+    fused.fold_rel_pos = fold
     without_bias = copy.deepcopy(original)
     without_bias.use_rel_pos = False
     x = torch.randn(3, *grid, 96)
@@ -55,9 +60,10 @@ def test_fused_attention_matches_original(grid):
     torch.testing.assert_close(fused(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_accelerated_encoder_matches_original_forward_and_gradients():
+@FOLD
+def test_accelerated_encoder_matches_original_forward_and_gradients(fold):
     original = _tiny_encoder()
-    fast = accelerate_image_encoder(copy.deepcopy(original))
+    fast = accelerate_image_encoder(copy.deepcopy(original), fold_rel_pos=fold)
     x = torch.randn(2, 3, 320, 320)
 
     expected = original(x)

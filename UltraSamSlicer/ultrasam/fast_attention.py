@@ -4,9 +4,10 @@ SAM's image encoder spends most of its time in attention, which it computes eage
 materialises the (tokens x tokens) score matrix, adds the decomposed relative-position bias and
 runs a separate softmax. :func:`accelerate_image_encoder` re-classes every encoder ``Attention`` as
 :class:`FusedAttention`, which keeps the same parameters (and state-dict keys) and calls
-``torch.nn.functional.scaled_dot_product_attention`` with that bias as ``attn_mask``, so PyTorch
-can pick a fused kernel. The result is numerically the same function, for windowed (14 x 14
-tokens) and global (64 x 64 tokens) blocks alike.
+``torch.nn.functional.scaled_dot_product_attention`` with that bias as ``attn_mask`` (or, with
+``fold_rel_pos``, folded into extra query/key channels so no mask is needed), letting PyTorch pick
+a fused kernel. The result is numerically the same function, for windowed (14 x 14 tokens) and
+global (64 x 64 tokens) blocks alike.
 
 The other helpers choose the fastest settings a device offers: whether the CPU computes bf16
 natively (:func:`cpu_has_native_bf16`), thread and matmul settings (:func:`configure_device`),
@@ -29,10 +30,10 @@ from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT, 
 from ultrasam.device import autocast_for
 
 
-def decomposed_rel_pos_bias(
+def _rel_pos_terms(
     q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: Tuple[int, int]
-) -> torch.Tensor:
-    """The additive attention bias of SAM's decomposed relative positions (MViTv2).
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each query's dot products with the embeddings of its offsets to every key row and column.
 
     Args:
         q: (B, heads, h * w, head_dim) queries, unscaled, tokens in row-major (y, x) order.
@@ -41,17 +42,61 @@ def decomposed_rel_pos_bias(
         hw: (h, w) token grid of the queries, which is also the key grid (self-attention).
 
     Returns:
-        (B, heads, h * w, h * w) bias: entry [q, k] = q . Rh[y_q - y_k] + q . Rw[x_q - x_k], the
-        term SAM's ``add_decomposed_rel_pos`` adds to the scaled scores before the softmax.
+        rel_h: (B, heads, h, w, h) = q . Rh[y_q - y_k] for every key row y_k;
+        rel_w: (B, heads, h, w, w) = q . Rw[x_q - x_k] for every key column x_k.
     """
     h, w = hw
     table_h = get_rel_pos(h, h, rel_pos_h)  # (h, h, head_dim), SAM's own lookup/interpolation
     table_w = get_rel_pos(w, w, rel_pos_w)  # (w, w, head_dim)
     q_grid = q.unflatten(2, (h, w))  # (B, heads, h, w, head_dim)
-    rel_h = torch.einsum("bnyxc,ykc->bnyxk", q_grid, table_h)  # (B, heads, h, w, h_k)
-    rel_w = torch.einsum("bnyxc,xkc->bnyxk", q_grid, table_w)  # (B, heads, h, w, w_k)
+    rel_h = torch.einsum("bnyxc,ykc->bnyxk", q_grid, table_h)
+    rel_w = torch.einsum("bnyxc,xkc->bnyxk", q_grid, table_w)
+    return rel_h, rel_w
+
+
+def decomposed_rel_pos_bias(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: Tuple[int, int]
+) -> torch.Tensor:
+    """The additive attention bias of SAM's decomposed relative positions (MViTv2).
+
+    Arguments as :func:`_rel_pos_terms`. Returns the (B, heads, h * w, h * w) bias, entry
+    [q, k] = q . Rh[y_q - y_k] + q . Rw[x_q - x_k]: the term SAM's ``add_decomposed_rel_pos`` adds
+    to the scaled scores before the softmax.
+    """
+    rel_h, rel_w = _rel_pos_terms(q, rel_pos_h, rel_pos_w, hw)
     bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, heads, h, w, h_k, w_k)
     return bias.flatten(4).flatten(2, 3)
+
+
+def fold_rel_pos_into_qk(
+    q: torch.Tensor, k: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+    hw: Tuple[int, int], scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys whose plain dot product is SAM's scaled score plus its position bias.
+
+    ``q' . k' = scale * q . k + q . Rh[y_q - y_k] + q . Rw[x_q - x_k]``, because q' appends the
+    query's row and column terms and k' appends one-hot codes of the key's row and column. SDPA
+    then needs no (tokens x tokens) mask, so flash-style kernels apply and the bias is never
+    written to memory (for a 64 x 64 global block: 64 + 64 extra channels instead of 4096).
+
+    Args:
+        q, k: (B, heads, h * w, head_dim), tokens in row-major (y, x) order.
+        rel_pos_h, rel_pos_w, hw: as :func:`_rel_pos_terms`.
+        scale: the attention's softmax scale (head_dim ** -0.5).
+
+    Returns:
+        (B, heads, h * w, D) queries and keys, D = head_dim + h + w rounded up to a multiple of 8
+        (zero channels, for kernel alignment). Use with ``scaled_dot_product_attention(scale=1)``.
+    """
+    h, w = hw
+    rel_h, rel_w = _rel_pos_terms(q, rel_pos_h, rel_pos_w, hw)
+    rows = torch.eye(h, dtype=k.dtype, device=k.device).repeat_interleave(w, dim=0)  # (h*w, h)
+    cols = torch.eye(w, dtype=k.dtype, device=k.device).repeat(h, 1)  # (h*w, w)
+    codes = torch.cat([rows, cols], dim=1).expand(*k.shape[:2], -1, -1)
+    folded_q = torch.cat([q * scale, rel_h.flatten(2, 3).to(q.dtype), rel_w.flatten(2, 3).to(q.dtype)], -1)
+    folded_k = torch.cat([k, codes], dim=-1)
+    pad = (0, -folded_q.shape[-1] % 8)
+    return F.pad(folded_q, pad), F.pad(folded_k, pad)
 
 
 class FusedAttention(Attention):
@@ -59,26 +104,42 @@ class FusedAttention(Attention):
 
     Never constructed directly: :func:`accelerate_image_encoder` re-classes existing modules, so
     weights, devices and state-dict keys are untouched.
+
+    Attributes:
+        fold_rel_pos: pass the position bias through extra q/k channels
+            (:func:`fold_rel_pos_into_qk`) instead of as ``attn_mask``.
     """
+
+    fold_rel_pos = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, h, w, dim) tokens -> (B, h, w, dim); B counts images times windows."""
         batch, h, w, _ = x.shape
         qkv = self.qkv(x).reshape(batch, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, h * w, head_dim)
-        bias = None
-        if self.use_rel_pos:
+        if not self.use_rel_pos:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        elif self.fold_rel_pos:
+            q, k = fold_rel_pos_into_qk(q, k, self.rel_pos_h, self.rel_pos_w, (h, w), self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        else:
             bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w))
-        # SDPA's default scale is head_dim ** -0.5, the same as self.scale.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(batch, h, w, -1))
 
 
-def accelerate_image_encoder(model: Union[Sam, ImageEncoderViT]) -> Union[Sam, ImageEncoderViT]:
+def accelerate_image_encoder(
+    model: Union[Sam, ImageEncoderViT], fold_rel_pos: bool = False
+) -> Union[Sam, ImageEncoderViT]:
     """Switch every attention of a SAM image encoder to :class:`FusedAttention`, in place.
 
-    Safe to call twice; works for inference and training (gradients flow to ``rel_pos_h/w``).
-    Accepts the whole ``Sam`` or its ``image_encoder``; returns the same object.
+    Safe to call again (e.g. to change ``fold_rel_pos``); works for inference and training
+    (gradients flow to ``rel_pos_h/w``). Accepts the whole ``Sam`` or its ``image_encoder``;
+    returns the same object.
+
+    Args:
+        fold_rel_pos: see :class:`FusedAttention`; both ways compute SAM's function, which is
+            faster depends on the device and its SDPA kernels (docs/BENCHMARKS.md).
     """
     encoder = model.image_encoder if isinstance(model, Sam) else model
     if not isinstance(encoder, ImageEncoderViT):
@@ -87,8 +148,9 @@ def accelerate_image_encoder(model: Union[Sam, ImageEncoderViT]) -> Union[Sam, I
             "load the model with ultrasam.checkpoint.load_model first"
         )
     for module in encoder.modules():
-        if type(module) is Attention:
+        if isinstance(module, Attention):
             module.__class__ = FusedAttention
+            module.fold_rel_pos = fold_rel_pos
     return model
 
 
