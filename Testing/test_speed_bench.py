@@ -1,0 +1,41 @@
+"""bench/bench_inference.py runs on a CPU with a tiny model on real slices and reports consistently."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import shared_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_inference  # noqa: E402
+
+
+@pytest.mark.shared
+def test_tiny_benchmark_on_real_slices(tmp_path):
+    volume = shared_path("resect3d", "Case3.nii.gz")
+    output = tmp_path / "figures.json"
+
+    figures = bench_inference.main(["--device", "cpu", "--model", "tiny", "--volume", str(volume), "--slices", "2",
+                             "--clicks", "2", "--batch", "2", "--json", str(output)])
+
+    assert json.loads(output.read_text()) == json.loads(json.dumps(figures))
+    assert figures["slices"] == 2 and figures["slice_shape"] == [256, 256]
+    reference, engine = figures["reference"], figures["engine"]
+    for key, ratio in figures["speedup"].items():
+        assert ratio == pytest.approx(reference[key] / engine[key])
+    assert engine["propagated_slices"] == 2  # the walk reached both slices
+    assert engine["click_ms_min"] <= engine["click_ms"]
+    assert figures["engine_setup"]["attention_blocks"] == 4
+    # Same weights, same box, same one-pass semantics: the engine's masks are the reference's.
+    assert figures["mask_iou"]["min"] >= 0.98
+    assert 0.01 < figures["mask_iou"]["mean_mask_area"] < 0.99  # masks are not trivially empty or full
+
+
+def test_refuses_a_missing_volume(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_inference.main(["--device", "cpu", "--volume", str(tmp_path / "none.nii.gz")])
+    assert "no volume at" in capsys.readouterr().err
