@@ -116,12 +116,13 @@ def reference_run(model, slices: VolumeSlices, clicks: int, clock: Clock) -> tup
         masks.append(predictor.predict(box=box, multimask_output=False)[0][0])
     point = np.array([[box[0] + box[2], box[1] + box[3]]]) / 2
     click_s = [clock(predictor.predict, point_coords=point, point_labels=np.array([1]))[1] for _ in range(clicks)]
-    propagate_s = clock(reference_propagate, predictor, slices, box)[1]
+    propagated, propagate_s = clock(reference_propagate, predictor, slices, box)
     return {
         "embed_ms_per_slice": 1e3 * statistics.mean(embed_s[1:] or embed_s),  # first: warm-up
         "click_ms": 1e3 * statistics.median(click_s),
         "click_ms_min": 1e3 * min(click_s),
         "propagate_s": propagate_s,
+        "propagated_slices": propagated,
         "peak_gib": peak_gib(device),
     }, masks
 
@@ -298,7 +299,7 @@ def benchmark(args: argparse.Namespace) -> dict:
                      "share_at_least_0.98": sum(v >= 0.98 for v in ious) / len(ious),
                      "mean_mask_area": float(np.mean([m.mean() for m in reference_masks]))},
     }
-    figures["engine"]["propagate_300_s"] = engine["propagate_s"] * 300 / slices.num_slices
+    figures["engine"]["propagate_300_s"] = engine["propagate_s"] * 300 / max(engine["propagated_slices"], 1)
     if args.variants:
         figures["encoder_variants"] = encoder_variants(base.to(device), device, args.batch, args.repeats,
                                                        args.compile, clock)
@@ -350,7 +351,8 @@ def print_table(figures: dict) -> None:
     engine = figures["engine"]
     print(f"click with UltraSam's refine pass: {engine['click_refine_ms']:.2f} ms; "
           f"propagation scaled to 300 slices: {engine['propagate_300_s']:.2f} s "
-          f"({engine['propagated_slices']} slices walked)")
+          f"(slices walked: engine {engine['propagated_slices']}, reference "
+          f"{figures['reference']['propagated_slices']})")
     print(f"mask IoU engine vs reference: min {figures['mask_iou']['min']:.4f}, mean {figures['mask_iou']['mean']:.4f}"
           f" (reference masks cover {figures['mask_iou']['mean_mask_area']:.0%} of a slice)")
     print(f"engine setup: {figures['engine_setup']}; import {figures['import_s']:.2f} s, "
