@@ -119,7 +119,8 @@ def _iou(a, b) -> float:
 
 
 @pytest.mark.shared
-def test_fast_path_masks_match_fp32_reference_on_real_slices(tiny_sam):
+@FOLD
+def test_fast_path_masks_match_fp32_reference_on_real_slices(tiny_sam, fold):
     """Fast path (SDPA + bf16 encoder, as on a GPU) against segment_anything's fp32 eager path.
 
     Random weights give masks covering most of a slice, which would agree trivially. So besides
@@ -129,17 +130,22 @@ def test_fast_path_masks_match_fp32_reference_on_real_slices(tiny_sam):
     """
     slices = VolumeSlices(read_volume(shared_path("resect3d", "Case3.nii.gz")), axis=0)
     images = [slices.image(index) for index in (80, 120, 160, 200)]
-    reference = Predictor(copy.deepcopy(tiny_sam), device="cpu")
-    fast = Predictor(accelerate_image_encoder(tiny_sam), device="cpu")
+    # Whatever the Predictor applies itself, the reference runs segment_anything's attention in
+    # fp32 and the fast path the variant under test.
+    reference = Predictor(copy.deepcopy(tiny_sam), device="cpu", precision="float32")
+    for module in reference.model.modules():
+        if isinstance(module, Attention):
+            module.__class__ = Attention
+    fast_fp32 = Predictor(tiny_sam, device="cpu", precision="float32")  # a CPU without native bf16
+    fast = Predictor(tiny_sam, device="cpu", precision="bfloat16")  # a GPU, or a CPU with bf16
+    accelerate_image_encoder(tiny_sam, fold_rel_pos=fold)
     height, width = images[0].shape
     prompts = [Prompt2D(points_xy=[[width * 0.5, height * 0.45]], labels=[1]),
                Prompt2D(box_xyxy=[width * 0.3, height * 0.3, width * 0.65, height * 0.6])]
 
     expected_embeddings = reference.embed(images)
-    fp32_embeddings = fast.embed(images)  # the engine on a CPU without native bf16
-    fast.clear_cache()
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the engine on a GPU
-        bf16_embeddings = fast.embed(images)
+    fp32_embeddings = fast_fp32.embed(images)
+    bf16_embeddings = fast.embed(images)
 
     for expected, fp32, bf16 in zip(expected_embeddings, fp32_embeddings, bf16_embeddings):
         fp32_error = (fp32.features - expected.features).abs().max()

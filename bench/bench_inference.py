@@ -228,7 +228,7 @@ def encoder_variants(model, device: torch.device, batch: int, repeats: int, comp
             continue
         seconds = min(clock(runner, x)[1] for _ in range(repeats))
         figures[f"{name}_compiled"] = {"ms_per_slice": 1e3 * seconds / batch, "compile_s": cold_s,
-                                       "peak_gib": peak_gib(device), "precision": "autocast_for(device)"}
+                                       "peak_gib": peak_gib(device), "precision": "auto"}
     return figures
 
 

@@ -194,8 +194,9 @@ class WarmCompiled:
         module: takes (B, *sample_shape) tensors, e.g. the image encoder with (B, 3, 1024, 1024).
         sample_shape: one input without the batch axis.
         batch_sizes: batch sizes to compile and warm, e.g. (1, 16) for a click and a volume.
-        device: where the module's parameters are; warm-up and calls run under
-            :func:`ultrasam.device.autocast_for` of it, as the predictor runs the encoder.
+        device: where the module's parameters are.
+        precision: "auto", "float32" or "bfloat16": warm-up and calls run under
+            ``ultrasam.device.autocast_for(device, precision)``, as the predictor runs the encoder.
         background: warm on a thread (default) or block until warm.
         compile_kwargs: passed to ``torch.compile`` (e.g. ``mode``, ``backend``).
     """
@@ -206,6 +207,7 @@ class WarmCompiled:
         sample_shape: Sequence[int],
         batch_sizes: Iterable[int],
         device: Union[str, torch.device],
+        precision: str = "auto",
         background: bool = True,
         **compile_kwargs,
     ) -> None:
@@ -214,6 +216,7 @@ class WarmCompiled:
         self._sample_shape = tuple(sample_shape)
         self._batch_sizes = sorted(set(batch_sizes))
         self._device = torch.device(device)
+        self._precision = precision
         self._compiled = None
         self._compile_kwargs = {"dynamic": False, **compile_kwargs}
         self._thread = threading.Thread(target=self._warm, name="ultrasam-compile", daemon=True)
@@ -234,7 +237,7 @@ class WarmCompiled:
     def _warm(self) -> None:
         try:
             compiled = torch.compile(self.module, **self._compile_kwargs)
-            with torch.inference_mode(), autocast_for(self._device):
+            with torch.inference_mode(), autocast_for(self._device, self._precision):
                 for batch in self._batch_sizes:
                     compiled(torch.zeros((batch, *self._sample_shape), device=self._device))
             if self._device.type == "cuda":
@@ -246,12 +249,12 @@ class WarmCompiled:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(B, *sample_shape) -> the module's output for those B inputs, as float32.
 
-        Runs under inference mode and ``autocast_for(device)``, as the warm-up did, so the compiled
+        Runs under inference mode and the warm-up's ``autocast_for``, so the compiled
         graph's guards hold and nothing recompiles here.
         """
         batch = x.shape[0]
         fits = [b for b in self._batch_sizes if b >= batch]
-        with torch.inference_mode(), autocast_for(self._device):
+        with torch.inference_mode(), autocast_for(self._device, self._precision):
             if self._compiled is None or tuple(x.shape[1:]) != self._sample_shape or not fits:
                 return self.module(x).float()
             padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, fits[0] - batch))
