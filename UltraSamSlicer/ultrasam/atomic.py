@@ -34,4 +34,4 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Replace ``path`` with ``text`` atomically."""
     with atomic_path(path) as temporary:
-        temporary.write_text(text)
+        temporary.write_text(text, encoding="utf-8")

@@ -143,9 +143,9 @@ def read_prompts_file(path: str | os.PathLike) -> list[Job]:
         raise FileNotFoundError(f"{path}: prompts file not found")
     try:
         if path.suffix.lower() == ".json":
-            return _jobs_from_json(json.loads(path.read_text()), path.parent)
+            return _jobs_from_json(json.loads(path.read_text(encoding="utf-8")), path.parent)
         if path.suffix.lower() == ".csv":
-            return _jobs_from_csv(path.read_text(), path.parent)
+            return _jobs_from_csv(path.read_text(encoding="utf-8"), path.parent)
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path}: not a valid prompts file ({error}); see `ultrasam segment --help` for the format") from None
     raise ValueError(f"{path}: prompts file must end in .json or .csv")

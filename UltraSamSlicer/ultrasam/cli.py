@@ -6,7 +6,6 @@ import argparse
 import importlib
 import json
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -177,6 +176,7 @@ def _add_demo(commands) -> None:
 
 
 def _run_segment(args: argparse.Namespace, demo_fallback: bool = False) -> int:
+    from ultrasam.atomic import write_text_atomic
     from ultrasam.batch import segment_volume
     from ultrasam.volume_io import read_volume, write_mask
 
@@ -191,7 +191,7 @@ def _run_segment(args: argparse.Namespace, demo_fallback: bool = False) -> int:
                                       span=tuple(args.span) if args.span else None)
     write_mask(mask, volume.geometry, args.output)
     if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=2))
+        write_text_atomic(args.report, json.dumps(report, indent=2))
     print(f"wrote {args.output}: {int(mask.sum())} voxels on {len(report['segmented_slices'])} slice(s)")
     return 0
 

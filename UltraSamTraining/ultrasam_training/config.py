@@ -250,7 +250,7 @@ def _coerce(default: Any, value: Any, path: str) -> Any:
 def load_config(path: str | os.PathLike) -> TrainConfig:
     """Read and validate a JSON config file."""
     try:
-        values = json.loads(Path(path).read_text())
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as error:
         raise ConfigError(f"config file {path} does not exist") from error
     except json.JSONDecodeError as error:
