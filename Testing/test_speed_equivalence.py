@@ -5,6 +5,7 @@ modules before acceleration), with random, non-zero relative-position tables so 
 """
 
 import copy
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -94,22 +95,44 @@ def test_accelerate_refuses_other_models():
         accelerate_image_encoder(torch.nn.Linear(2, 2))
 
 
-def test_warm_compiled_serves_eagerly_then_compiled_with_padded_batches():
+def test_warm_compiled_serves_eagerly_then_compiled_for_warmed_shapes():
     encoder = accelerate_image_encoder(_tiny_encoder())
     x = torch.randn(3, 3, 320, 320)
     with torch.inference_mode():
         expected = encoder(x)
 
-    # The "eager" backend exercises the compile/warm-up/padding logic without a C++ toolchain.
-    runner = WarmCompiled(encoder, (3, 320, 320), batch_sizes=(1, 4), device="cpu",
-                          background=True, backend="eager")
-    early = runner(x)  # served eagerly or compiled, whichever is ready: same values
+    # The "eager" backend exercises compile, warm-up and dispatch without a C++ toolchain.
+    runner = WarmCompiled(encoder, [((x[:1],), {}), ((x,), {})], "cpu", precision="float32", backend="eager")
+    early = runner(x[:1])  # served eagerly or compiled, whichever is ready: same values
     assert runner.wait(timeout=120), runner.error
-    padded = runner(x)  # batch 3 runs as batch 4
-    too_big = runner(torch.cat([x, x]))  # batch 6 > 4: eager, no recompilation
+    before = runner.served.copy()
+    warm = runner(x)
+    other = runner(x[:2])  # a batch size never warmed: eager, no recompilation
 
-    for result in (early, padded, too_big[:3], too_big[3:]):
-        torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
+    assert runner.served - before == Counter(compiled=1, eager=1)
+    for result, want in ((early, expected[:1]), (warm, expected), (other, expected[:2])):
+        torch.testing.assert_close(result, want, atol=1e-5, rtol=1e-5)
+
+
+def test_warm_compiled_decoder_tells_prompt_shapes_and_flags_apart(tiny_sam):
+    embedding = torch.randn(1, 256, 16, 16)
+    points = (torch.tensor([[[100.0, 120.0]]]), torch.tensor([[1]]))
+    with torch.inference_mode():
+        sparse, dense = tiny_sam.prompt_encoder(points=points, boxes=None, masks=None)
+        inputs = dict(image_embeddings=embedding, image_pe=tiny_sam.prompt_encoder.get_dense_pe(),
+                      sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
+        expected = {flag: tiny_sam.mask_decoder(**inputs, multimask_output=flag) for flag in (True, False)}
+
+    runner = WarmCompiled(tiny_sam.mask_decoder, [((), {**inputs, "multimask_output": True})], "cpu",
+                          precision="float32", background=False, backend="eager")
+    assert runner.ready, runner.error
+    single = runner(**inputs, multimask_output=False)  # not warmed: eager
+    multi = runner(**inputs, multimask_output=True)  # warmed: compiled
+
+    assert runner.served == Counter(eager=1, compiled=1)
+    for flag, result in ((False, single), (True, multi)):
+        for got, want in zip(result, expected[flag]):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def _iou(a, b) -> float:

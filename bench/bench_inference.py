@@ -222,7 +222,7 @@ def encoder_variants(model, device: torch.device, batch: int, repeats: int, comp
             "peak_gib": peak_gib(device)}
     for name in ("fused", "folded") if compile_too else ():
         reset_peak(device)
-        runner, cold_s = clock(WarmCompiled, encoders[name], x.shape[1:], (batch,), device, background=False)
+        runner, cold_s = clock(WarmCompiled, encoders[name], [((x,), {})], device, background=False)
         if runner.error is not None:
             figures[f"{name}_compiled"] = {"error": repr(runner.error)}
             continue

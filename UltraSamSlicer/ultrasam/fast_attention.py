@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import Counter
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -182,30 +183,33 @@ def configure_device(device: Union[str, torch.device], threads: Optional[int] = 
 class WarmCompiled:
     """A module that runs eagerly until its ``torch.compile``'d form is warm, then runs that.
 
-    Compilation (tens of seconds for ViT-B) is triggered by warm-up calls at ``batch_sizes`` on a
-    background thread, so the first embedding and the first click are served by the eager module
-    meanwhile. Once warm, a batch of b images runs in the smallest warmed batch size >= b, padded
-    with zeros, so no shape ever recompiles on the caller's thread; larger batches run eagerly.
-    Inductor keeps its compiled kernels in its on-disk cache (``TORCHINDUCTOR_CACHE_DIR``), which
-    makes later cold starts much shorter. A failed compilation leaves the eager path in use and
-    is reported in :attr:`error`.
+    Compilation (tens of seconds for ViT-B's encoder, about 20 s for the mask decoder on a CPU)
+    happens in warm-up calls with ``examples`` on a background thread, so the first embedding and
+    the first click are served by the eager module meanwhile. Once warm, a call whose inputs have
+    the shapes (and non-tensor values) of a warmed example runs compiled; any other call runs
+    eagerly, so nothing ever recompiles on the caller's thread. Inductor keeps its kernels in its
+    on-disk cache (``TORCHINDUCTOR_CACHE_DIR``), which makes later cold starts much shorter. A
+    failed compilation leaves the eager path in use and is reported in :attr:`error`.
 
     Args:
-        module: takes (B, *sample_shape) tensors, e.g. the image encoder with (B, 3, 1024, 1024).
-        sample_shape: one input without the batch axis.
-        batch_sizes: batch sizes to compile and warm, e.g. (1, 16) for a click and a volume.
+        module: the module to compile, e.g. ``sam.image_encoder`` or ``sam.mask_decoder``.
+        examples: (args, kwargs) pairs to warm, e.g. ``[((x1,), {}), ((x16,), {})]`` for the encoder
+            with (1, 3, 1024, 1024) and (16, 3, 1024, 1024) inputs: one click, one volume batch.
         device: where the module's parameters are.
         precision: "auto", "float32" or "bfloat16": warm-up and calls run under
-            ``ultrasam.device.autocast_for(device, precision)``, as the predictor runs the encoder.
+            ``ultrasam.device.autocast_for(device, precision)``, as the predictor runs the
+            encoder (the decoder runs in "float32").
         background: warm on a thread (default) or block until warm.
         compile_kwargs: passed to ``torch.compile`` (e.g. ``mode``, ``backend``).
+
+    Attributes:
+        served: how many calls ran ``"compiled"`` and ``"eager"``.
     """
 
     def __init__(
         self,
         module: nn.Module,
-        sample_shape: Sequence[int],
-        batch_sizes: Iterable[int],
+        examples: Sequence[Tuple[tuple, dict]],
         device: Union[str, torch.device],
         precision: str = "auto",
         background: bool = True,
@@ -213,11 +217,12 @@ class WarmCompiled:
     ) -> None:
         self.module = module
         self.error: Optional[BaseException] = None
-        self._sample_shape = tuple(sample_shape)
-        self._batch_sizes = sorted(set(batch_sizes))
+        self.served: Counter = Counter()
+        self._examples = list(examples)
         self._device = torch.device(device)
         self._precision = precision
         self._compiled = None
+        self._warmed: set = set()
         self._compile_kwargs = {"dynamic": False, **compile_kwargs}
         self._thread = threading.Thread(target=self._warm, name="ultrasam-compile", daemon=True)
         self._thread.start()
@@ -226,7 +231,7 @@ class WarmCompiled:
 
     @property
     def ready(self) -> bool:
-        """True once every warm-up batch size has been compiled and run."""
+        """True once every example has been compiled and run."""
         return self._compiled is not None
 
     def wait(self, timeout: Optional[float] = None) -> bool:
@@ -238,24 +243,35 @@ class WarmCompiled:
         try:
             compiled = torch.compile(self.module, **self._compile_kwargs)
             with torch.inference_mode(), autocast_for(self._device, self._precision):
-                for batch in self._batch_sizes:
-                    compiled(torch.zeros((batch, *self._sample_shape), device=self._device))
+                for args, kwargs in self._examples:
+                    compiled(*args, **kwargs)
             if self._device.type == "cuda":
                 torch.cuda.synchronize(self._device)
+            self._warmed = {_signature(args, kwargs) for args, kwargs in self._examples}
             self._compiled = compiled
         except Exception as error:  # any compiler failure: stay eager, say why
             self.error = error
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, *sample_shape) -> the module's output for those B inputs, as float32.
+    def __call__(self, *args, **kwargs):
+        """The module's output for these inputs, compiled when warm for their shapes.
 
-        Runs under inference mode and the warm-up's ``autocast_for``, so the compiled
-        graph's guards hold and nothing recompiles here.
+        Runs under inference mode and the warm-up's ``autocast_for``, so the compiled graph's
+        guards hold.
         """
-        batch = x.shape[0]
-        fits = [b for b in self._batch_sizes if b >= batch]
+        warm = self._compiled is not None and _signature(args, kwargs) in self._warmed
+        self.served["compiled" if warm else "eager"] += 1
         with torch.inference_mode(), autocast_for(self._device, self._precision):
-            if self._compiled is None or tuple(x.shape[1:]) != self._sample_shape or not fits:
-                return self.module(x).float()
-            padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, fits[0] - batch))
-            return self._compiled(padded)[:batch].float()
+            return (self._compiled if warm else self.module)(*args, **kwargs)
+
+
+def _signature(args: tuple, kwargs: dict) -> tuple:
+    """What a ``dynamic=False`` graph is specialised on: tensor shapes/dtypes/devices, other values."""
+
+    def key(value):
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape), value.dtype, value.device
+        if isinstance(value, (tuple, list)):
+            return tuple(key(item) for item in value)
+        return value
+
+    return key(args), tuple((name, key(value)) for name, value in sorted(kwargs.items()))
