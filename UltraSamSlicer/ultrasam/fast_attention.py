@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
-from typing import Iterable, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
