@@ -27,7 +27,7 @@ def test_sam_mode_matches_sam_predictor(tiny_sam):
     image = _image()
     reference = SamPredictor(tiny_sam)
     reference.set_image(np.repeat(image[..., None], 3, axis=2))
-    ours = Predictor(tiny_sam, device="cpu", mode="sam")
+    ours = Predictor(tiny_sam, device="cpu", mode="sam", precision="float32")
     embedding = ours.set_image(image)
     assert torch.allclose(embedding.features, reference.features, atol=1e-4)
     box = np.array([30.0, 20.0, 100.0, 80.0])
@@ -79,7 +79,7 @@ def test_ultrasam_refine_inference(tiny_sam):
     image = _image(96, 128)  # 128 -> 256: both resize rules give 192x256
     point = [64.0, 40.0]
     expected_mask, expected_iou = _reference_refine(tiny_sam, image, point)
-    predictor = Predictor(tiny_sam, device="cpu", mode="ultrasam")
+    predictor = Predictor(tiny_sam, device="cpu", mode="ultrasam", precision="float32")
     prediction = predictor.predict(predictor.set_image(image), Prompt2D([point], [1]))
     assert expected_mask.any()
     assert _iou(prediction.mask, expected_mask) > 0.999

@@ -20,7 +20,8 @@ def test_tiny_benchmark_on_real_slices(tmp_path):
     output = tmp_path / "figures.json"
 
     figures = bench_inference.main(["--device", "cpu", "--model", "tiny", "--volume", str(volume), "--slices", "2",
-                             "--clicks", "2", "--batch", "2", "--json", str(output)])
+                             "--clicks", "2", "--batch", "2", "--json", str(output),
+                                    "--precision", "float32"])
 
     assert json.loads(output.read_text()) == json.loads(json.dumps(figures))
     assert figures["slices"] == 2 and figures["slice_shape"] == [256, 256]

@@ -46,8 +46,9 @@ from segment_anything import SamPredictor  # noqa: E402
 
 from ultrasam.checkpoint import SamConfig, load_model, sam_from_config, save_checkpoint  # noqa: E402
 from ultrasam.fast_attention import (  # noqa: E402
-    FusedAttention, WarmCompiled, accelerate_image_encoder, cpu_has_native_bf16,
+    FusedAttention, WarmCompiled, accelerate_image_encoder,
 )
+from ultrasam.device import PRECISIONS, cpu_has_native_bf16  # noqa: E402
 from ultrasam.geometry import Volume  # noqa: E402
 from ultrasam.predictor import Predictor, Prompt2D  # noqa: E402
 from ultrasam.propagation import Propagator, StopRules, mask_box  # noqa: E402
@@ -144,12 +145,12 @@ def reference_propagate(predictor: SamPredictor, slices: VolumeSlices, box: np.n
 
 
 # ---- engine ------------------------------------------------------------------------------
-def engine_run(model, slices: VolumeSlices, clicks: int, batch: int, clock: Clock,
+def engine_run(model, slices: VolumeSlices, clicks: int, batch: int, clock: Clock, precision: str = "auto",
                ) -> tuple[dict, list[np.ndarray]]:
     """ultrasam's Predictor + VolumeEmbeddingCache + Propagator, as the effect and CLI use them."""
     device = clock.device
-    predictor = Predictor(model, device=device, mode="sam", batch_size=batch)
-    refine = Predictor(model, device=device, mode="ultrasam", batch_size=batch)
+    predictor = Predictor(model, device=device, mode="sam", batch_size=batch, precision=precision)
+    refine = Predictor(model, device=device, mode="ultrasam", batch_size=batch, precision=precision)
     box = centre_box(*slices.image_shape)
     everything = range(slices.num_slices)
     reset_peak(device)
@@ -184,14 +185,15 @@ def engine_propagate(predictor: Predictor, slices: VolumeSlices, box: np.ndarray
     return len(propagator.run({slices.num_slices // 2: Prompt2D(box_xyxy=box)}).slices)
 
 
-def cold_start(path: Path, slices: VolumeSlices, device: torch.device, clock: Clock, engine: bool) -> float:
+def cold_start(path: Path, slices: VolumeSlices, device: torch.device, clock: Clock, engine: bool,
+               precision: str = "auto") -> float:
     """Seconds from weights on disk to the first mask on the middle slice."""
     def first_mask() -> np.ndarray:
         model = load_model(path, device=device).model
         image = slices.image(slices.num_slices // 2)
         box = centre_box(*image.shape)
         if engine:
-            predictor = Predictor(model, device=device, mode="sam")
+            predictor = Predictor(model, device=device, mode="sam", precision=precision)
             return predictor.predict(predictor.set_image(image), Prompt2D(box_xyxy=box)).mask
         predictor = SamPredictor(model)
         predictor.set_image(np.repeat(image[..., None], 3, axis=2))
@@ -268,12 +270,12 @@ def benchmark(args: argparse.Namespace) -> dict:
             save_checkpoint(path, sam_from_config(TINY if args.model == "tiny" else SamConfig()))
         base = load_model(path).model
         # The engine first: it pays the process's one-time costs (cuBLAS/cuDNN handles).
-        cold = {"engine": cold_start(path, slices, device, clock, engine=True),
+        cold = {"engine": cold_start(path, slices, device, clock, engine=True, precision=args.precision),
                 "reference": cold_start(path, slices, device, clock, engine=False)}
 
     reference, reference_masks = reference_run(copy.deepcopy(base).to(device), slices, args.clicks, clock)
     engine_model = copy.deepcopy(base)
-    engine, engine_masks = engine_run(engine_model, slices, args.clicks, args.batch, clock)
+    engine, engine_masks = engine_run(engine_model, slices, args.clicks, args.batch, clock, args.precision)
     reference["cold_start_s"], engine["cold_start_s"] = cold["reference"], cold["engine"]
     ious = [iou(a, b) for a, b in zip(engine_masks, reference_masks)]
     figures = {
@@ -379,6 +381,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action="store_true", help="with --variants: torch.compile too")
     parser.add_argument("--repeats", type=int, default=3, help="timed encoder batches per variant (best)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="the engine's encoder numerics (auto: bf16 where the hardware has it)")
     args = parser.parse_args(argv)
     args.axis = int(args.axis) if str(args.axis).isdigit() else args.axis
     args.batch = args.batch or (16 if args.device.startswith("cuda") else 4)

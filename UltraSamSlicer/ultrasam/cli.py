@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ultrasam.device import PRECISIONS
 from ultrasam.propagation import StopRules
 
 EXAMPLES = """\
@@ -87,6 +88,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--checkpoint", help="UltraSam, SAM, MedSAM or UltraSamTraining checkpoint "
                         "(default: the downloaded UltraSam weights, see `ultrasam download`)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="image encoder numerics; auto: bf16 where the hardware has it (GPU, recent CPUs)")
     parser.add_argument("--mode", choices=("auto", "ultrasam", "sam"), default="auto",
                         help="inference rules: UltraSam's two-pass refine and post-processing, or SAM's "
                         "(auto: UltraSam's for UltraSam weights)")
@@ -276,14 +279,14 @@ def predictor_from_args(args: argparse.Namespace, demo_fallback: bool = False):
 
     path = args.checkpoint or cached_official_weights()
     if path is None and demo_fallback:
-        predictor = Predictor(demonstration_model(), device=args.device, mode="sam")
+        predictor = Predictor(demonstration_model(), device=args.device, mode="sam", precision=args.precision)
         return predictor, f"{UNTRAINED_NOTICE} ({predictor.device})"
     if path is None:
         raise ValueError("no model: pass --checkpoint FILE (UltraSam, SAM or MedSAM weights), "
                          "or run `ultrasam download` once to fetch the official UltraSam weights")
     loaded = load_model(path)
     mode = args.mode if args.mode != "auto" else loaded.info["postprocess"]
-    predictor = Predictor(loaded.model, device=args.device, mode=mode)
+    predictor = Predictor(loaded.model, device=args.device, mode=mode, precision=args.precision)
     return predictor, f"{path} ({loaded.info['architecture']}, {loaded.kind} weights, {mode} rules, {predictor.device})"
 
 

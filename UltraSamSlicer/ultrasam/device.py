@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -35,9 +36,10 @@ def choose_device(requested: str | torch.device = "auto") -> torch.device:
 def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
     """The image encoder's numeric mode.
 
-    "auto": bf16 autocast on CUDA GPUs that support it (UltraSam's encoder keeps mask IoU >= 0.99
-    against fp32 there), fp32 elsewhere; "float32": always fp32; "bfloat16": bf16 autocast on any
-    device that has it (CUDA, or a CPU with native bf16).
+    "auto": bf16 autocast where the hardware computes bf16 natively (CUDA GPUs that support it, CPUs
+    with AVX512-BF16 or AMX), fp32 elsewhere: UltraSam's encoder keeps mask IoU >= 0.99 against
+    fp32 in bf16, and it is 2.2x faster on such a CPU (docs/BENCHMARKS.md); "float32": always fp32;
+    "bfloat16": bf16 autocast on CUDA or the CPU, also where the CPU only emulates it.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -45,6 +47,29 @@ def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.Ab
         return contextlib.nullcontext()
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    if precision == "bfloat16" and device.type == "cpu":
+    if device.type == "cpu" and (precision == "bfloat16" or cpu_has_native_bf16()):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); emulated bf16 is slower
+    than fp32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def configure_device(device: str | torch.device, threads: int | None = None) -> None:
+    """Process-wide settings that speed SAM up on ``device``.
+
+    CPU: intra-op threads = ``threads`` or the cores this process may use. CUDA: TF32 for fp32
+    matmuls and convolutions (bf16 paths are unaffected) and cuDNN autotuning, which pays because
+    every encoder input is S x S.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+        torch.set_num_threads(threads or len(usable))
+    elif device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True

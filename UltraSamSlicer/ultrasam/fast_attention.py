@@ -9,15 +9,13 @@ runs a separate softmax. :func:`accelerate_image_encoder` re-classes every encod
 a fused kernel. The result is numerically the same function, for windowed (14 x 14 tokens) and
 global (64 x 64 tokens) blocks alike.
 
-The other helpers choose the fastest settings a device offers: whether the CPU computes bf16
-natively (:func:`cpu_has_native_bf16`), thread and matmul settings (:func:`configure_device`),
-and an optional ``torch.compile`` whose cold start is paid on a background thread while the eager
-encoder keeps serving (:class:`WarmCompiled`).
+:class:`WarmCompiled` adds an optional ``torch.compile`` whose cold start is paid on a background
+thread while the eager module keeps serving. Device settings (bf16 on CPUs that have it, threads,
+TF32) live in :mod:`ultrasam.device`.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import Counter
 from typing import Optional, Sequence, Tuple, Union
@@ -153,31 +151,6 @@ def accelerate_image_encoder(
             module.__class__ = FusedAttention
             module.fold_rel_pos = fold_rel_pos
     return model
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX).
-
-    Only then does bf16 autocast speed the encoder up on the CPU (ViT-B here: 9.5 s -> 6.5 s per
-    slice, docs/BENCHMARKS.md); without it, bf16 is emulated and slower than fp32.
-    """
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def configure_device(device: Union[str, torch.device], threads: Optional[int] = None) -> None:
-    """Process-wide settings that speed SAM up on ``device`` without changing its results.
-
-    CPU: intra-op threads = ``threads`` or the cores this process may use. CUDA: TF32 for fp32
-    matmuls and convolutions (fp32 paths only; bf16 paths are unaffected) and cuDNN autotuning,
-    which pays because every encoder input is 1024 x 1024.
-    """
-    device = torch.device(device)
-    if device.type == "cpu":
-        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
-    elif device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
 
 
 class WarmCompiled:

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from PIL import Image
 from segment_anything.modeling import Sam
 
-from ultrasam.device import autocast_for, choose_device
+from ultrasam.device import autocast_for, choose_device, configure_device
+from ultrasam.fast_attention import accelerate_image_encoder
 
 MODES = ("ultrasam", "sam")
 
@@ -125,7 +126,10 @@ class Predictor:
     """Runs a SAM-architecture model on 2D images: embed once, prompt many times.
 
     Args:
-        model: a ``segment_anything`` ``Sam`` (e.g. from :func:`ultrasam.checkpoint.load_model`).
+        model: a ``segment_anything`` ``Sam`` (e.g. from :func:`ultrasam.checkpoint.load_model`);
+            the predictor takes it over: it is moved to ``device`` and its image encoder switched
+            to fused attention (:func:`ultrasam.fast_attention.accelerate_image_encoder`: same
+            weights, same function).
         device: "auto", "cuda", "mps", "cpu" or a torch.device.
         mode: "ultrasam" or "sam" (see the module docstring).
         cache_size: how many image embeddings to keep (least recently used dropped first).
@@ -141,7 +145,10 @@ class Predictor:
         autocast_for(torch.device("cpu"), precision)  # validates the name
         self.precision = precision
         self.device = choose_device(device)
-        self.model = model.to(self.device).eval()
+        configure_device(self.device)
+        self.model = accelerate_image_encoder(model.to(self.device).eval())
+        with torch.inference_mode():  # constant per model: computed once, not per click
+            self._dense_pe = self.model.prompt_encoder.get_dense_pe()
         self.mode = mode
         self.batch_size = batch_size
         self.model_key = uuid.uuid4().hex  # a new model means a new predictor, so a new key
@@ -277,14 +284,15 @@ class Predictor:
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
         low_res, iou = self.model.mask_decoder(
             image_embeddings=embedding.features,
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            image_pe=self._dense_pe,
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
         )
-        best = int(iou[0].argmax())
+        scores = iou[0].float().cpu()  # the one host sync of a decoder pass
+        best = int(scores.argmax())
         logits = low_res[:, best:best + 1].float()
-        return Prediction(self._postprocess(logits, embedding), float(iou[0, best]), logits)
+        return Prediction(self._postprocess(logits, embedding), float(scores[best]), logits)
 
     def _postprocess(self, logits: torch.Tensor, embedding: ImageEmbedding) -> np.ndarray:
         """(1, 1, 256, 256) logits -> (H, W) bool mask in the original frame."""
