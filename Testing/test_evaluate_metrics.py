@@ -97,7 +97,7 @@ def test_summary_table_json_and_plot(tmp_path):
     table = write_results(results, tmp_path / "out")
     assert "| A | 2 | 0.800 ± 0.100 | 0.850 ± 0.050 | 0.400 ± 0.050 | 0.500 ± 0.100 | 0.250 ± 0.050 |" in table
     assert "| V | 1 | 0.500 ± 0.000 | 0.250 ± 0.000 |" in table
-    assert (tmp_path / "out" / "results.md").read_text() == table
+    assert (tmp_path / "out" / "results.md").read_text(encoding="utf-8") == table
     assert json.loads((tmp_path / "out" / "results.json").read_text())["datasets"] == summary
     with Image.open(tmp_path / "out" / "dice.png") as plot:
         assert plot.format == "PNG" and plot.width > 7 * 90  # 3 + 3 + 1 columns

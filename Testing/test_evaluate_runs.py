@@ -128,7 +128,7 @@ def test_tiny_random_sam_on_real_busbra_images_and_volumes_matches_sam_predictor
         _, gland = read_volume_pair(volume_set(volumes).pairs[int(row["volume"][3:6])], channel=0)
         occupied = np.flatnonzero(gland.any(axis=(1, 2)))
         assert row["key_slice"] == occupied[len(occupied) // 2] and 0 <= row["dice3d"] <= 1
-    assert "| BUSBRA | 3 |" in (tmp_path / "out" / "results.md").read_text()
+    assert "| BUSBRA | 3 |" in (tmp_path / "out" / "results.md").read_text(encoding="utf-8")
     with Image.open(tmp_path / "out" / "dice.png") as plot:
         assert plot.format == "PNG"
     with open_sources([data]) as sets:
