@@ -180,3 +180,24 @@ def test_fast_path_masks_match_fp32_reference_on_real_slices(tiny_sam, fold):
             threshold = want.low_res_logits.median()
             assert _iou(got.mask, want.mask) >= 0.98
             assert _iou(got.low_res_logits > threshold, want.low_res_logits > threshold) >= 0.98
+
+
+def test_predictor_with_compiled_decoder_gives_the_same_masks(tiny_sam, monkeypatch):
+    import ultrasam.fast_attention as fast_attention
+
+    original = fast_attention.WarmCompiled.__init__
+
+    def eager_backend(self, *args, **kwargs):  # no C++ toolchain needed for the test
+        original(self, *args, backend="eager", **kwargs)
+
+    monkeypatch.setattr(fast_attention.WarmCompiled, "__init__", eager_backend)
+    image = (np.random.default_rng(0).random((96, 128)) * 255).astype(np.uint8)
+    eager = Predictor(copy.deepcopy(tiny_sam), device="cpu", precision="float32")
+    compiled = Predictor(tiny_sam, device="cpu", precision="float32", compile_decoder=True)
+    assert compiled.wait_until_compiled(timeout=300) and not eager.wait_until_compiled()
+    for prompt in (Prompt2D([[60.0, 40.0]], [1]), Prompt2D(box_xyxy=[20, 10, 100, 80]),
+                   Prompt2D([[60.0, 40.0]], [1], box_xyxy=[20, 10, 100, 80])):
+        want = eager.predict(eager.set_image(image), prompt)
+        got = compiled.predict(compiled.set_image(image), prompt)
+        assert np.array_equal(got.mask, want.mask) and abs(got.iou - want.iou) < 1e-5
+    assert compiled._mask_decoder.served["compiled"] >= 3

@@ -32,7 +32,7 @@ from PIL import Image
 from segment_anything.modeling import Sam
 
 from ultrasam.device import autocast_for, choose_device, configure_device
-from ultrasam.fast_attention import accelerate_image_encoder
+from ultrasam.fast_attention import WarmCompiled, accelerate_image_encoder
 
 MODES = ("ultrasam", "sam")
 
@@ -136,10 +136,14 @@ class Predictor:
         batch_size: images per image-encoder call.
         precision: "auto", "float32" or "bfloat16" for the image encoder (see
             :func:`ultrasam.device.autocast_for`); the decoder always runs in fp32.
+        compile_decoder: compile the mask decoder with ``torch.compile`` on a background thread
+            (clicks run eagerly until it is ready, then about 1.7x faster on a CPU; see
+            docs/BENCHMARKS.md). Needs a working inductor toolchain; on failure it stays eager.
     """
 
     def __init__(self, model: Sam, device: str | torch.device = "auto", mode: str = "ultrasam",
-                 cache_size: int = 32, batch_size: int = 4, precision: str = "auto") -> None:
+                 cache_size: int = 32, batch_size: int = 4, precision: str = "auto",
+                 compile_decoder: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         autocast_for(torch.device("cpu"), precision)  # validates the name
@@ -149,11 +153,18 @@ class Predictor:
         self.model = accelerate_image_encoder(model.to(self.device).eval())
         with torch.inference_mode():  # constant per model: computed once, not per click
             self._dense_pe = self.model.prompt_encoder.get_dense_pe()
+        self._mask_decoder = self.model.mask_decoder
+        if compile_decoder:
+            self._mask_decoder = WarmCompiled(self.model.mask_decoder, self._decoder_examples(), self.device, "float32")
         self.mode = mode
         self.batch_size = batch_size
         self.model_key = uuid.uuid4().hex  # a new model means a new predictor, so a new key
         self._cache: OrderedDict[str, ImageEmbedding] = OrderedDict()
         self._cache_size = cache_size
+
+    def wait_until_compiled(self, timeout: float | None = None) -> bool:
+        """Block until the compiled decoder is warm (True), or it failed or was not asked for."""
+        return isinstance(self._mask_decoder, WarmCompiled) and self._mask_decoder.wait(timeout)
 
     @property
     def image_size(self) -> int:
@@ -282,7 +293,7 @@ class Predictor:
         if mask_input is not None:
             mask_input = mask_input.to(self.device, torch.float32)
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        low_res, iou = self.model.mask_decoder(
+        low_res, iou = self._mask_decoder(
             image_embeddings=embedding.features,
             image_pe=self._dense_pe,
             sparse_prompt_embeddings=sparse,
@@ -293,6 +304,16 @@ class Predictor:
         best = int(scores.argmax())
         logits = low_res[:, best:best + 1].float()
         return Prediction(self._postprocess(logits, embedding), float(scores[best]), logits)
+
+    def _decoder_examples(self) -> list[tuple[tuple, dict]]:
+        """Decoder inputs of every click shape: 2 prompt tokens (a point and its padding, or a box)
+        or 3 (a point and a box), single- or multimask."""
+        channels, grid = self.model.prompt_encoder.embed_dim, self.model.prompt_encoder.image_embedding_size
+        image = torch.zeros(1, channels, *grid, device=self.device)
+        return [((), {"image_embeddings": image, "image_pe": self._dense_pe,
+                      "sparse_prompt_embeddings": torch.zeros(1, tokens, channels, device=self.device),
+                      "dense_prompt_embeddings": image, "multimask_output": multimask})
+                for tokens in (2, 3) for multimask in (False, True)]
 
     def _postprocess(self, logits: torch.Tensor, embedding: ImageEmbedding) -> np.ndarray:
         """(1, 1, 256, 256) logits -> (H, W) bool mask in the original frame."""
