@@ -330,6 +330,8 @@ def _identify(raw: Any, path: Path) -> tuple[str, dict[str, torch.Tensor], dict[
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"{path}: holds a {type(raw).__name__}, not a checkpoint dictionary")
     if raw.get("format") == OWN_FORMAT:
+        if not isinstance(raw.get("model"), Mapping):
+            raise CheckpointError(f"{path}: an {OWN_FORMAT} file without its 'model' tensors; the file is damaged")
         meta = dict(raw.get("meta", {}))
         rules = {"postprocess": meta["postprocess"]} if meta.get("postprocess") in ("ultrasam", "sam") else {}
         return OWN_FORMAT, _tensors_only(raw["model"], path), {**rules, "meta": meta}
