@@ -137,7 +137,7 @@ class Predictor:
         precision: "auto", "float32" or "bfloat16" for the image encoder (see
             :func:`ultrasam.device.autocast_for`); the decoder always runs in fp32.
         compile_decoder: compile the mask decoder with ``torch.compile`` on a background thread
-            (clicks run eagerly until it is ready, then about 1.7x faster on a CPU; see
+            (clicks run eagerly until it is ready, then about 1.3x faster on this project's CPU; see
             docs/BENCHMARKS.md). Needs a working inductor toolchain; on failure it stays eager.
     """
 
