@@ -52,3 +52,12 @@ def _randomise(model) -> None:
                 scale = 1.5 if tensor.dim() > 1 else 0.3  # logits of order 1, so 1e-4 is strict
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * scale / max(1, tensor.shape[-1]) ** 0.5
                              + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+
+
+@pytest.fixture
+def qt_layer(monkeypatch):
+    """Slicer's Qt-side modules stubbed (only where absent); needs the slicer-core wheel."""
+    pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install slicer-core)")
+    from slicer_qt_stubs import stub_qt_layer
+
+    yield from stub_qt_layer(monkeypatch)

@@ -43,16 +43,6 @@ CENTER_KJI = np.array([6, 8, 9])
 RESERVED_KEYS = set("0123456789zZyYqQwWiI/*,.<>") | {"Escape", "space"}
 
 
-class StubEffectBase:
-    """Stand-in for SegmentEditorEffects.AbstractScriptedSegmentEditorEffect (Qt-side Slicer code)."""
-
-    def __init__(self, scriptedEffect):
-        self.scriptedEffect = scriptedEffect
-
-    def xyToRas(self, xy, viewWidget):
-        return viewWidget.xyToRas(xy)
-
-
 class StubAdaptor:
     """The qSlicerSegmentEditorAbstractEffect calls the effect makes, on real MRML objects."""
 
@@ -124,37 +114,6 @@ class StubSliceView:
 def interactor(xy, control=False, key=""):
     return types.SimpleNamespace(GetEventPosition=lambda: xy, GetShiftKey=lambda: 0, GetAltKey=lambda: 0,
                                  GetControlKey=lambda: int(control), GetKeySym=lambda: key)
-
-
-@pytest.fixture
-def qt_layer(monkeypatch):
-    """Stub the modules and slicer attributes that only exist inside the Slicer application."""
-    for name in ("qt", "ctk", "qSlicerSegmentationsEditorEffectsPythonQt"):
-        if importlib.util.find_spec(name) is None:
-            monkeypatch.setitem(sys.modules, name, mock.MagicMock(name=name))
-    if importlib.util.find_spec("SegmentEditorEffects") is None:
-        monkeypatch.setitem(sys.modules, "SegmentEditorEffects",
-                            types.SimpleNamespace(AbstractScriptedSegmentEditorEffect=StubEffectBase))
-    if importlib.util.find_spec("slicer.ScriptedLoadableModule") is None:
-        base = type("Base", (), {"__init__": lambda self, *args: setattr(self, "parent", args[0] if args else None)})
-        stub = types.ModuleType("slicer.ScriptedLoadableModule")
-        for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleWidget",
-                     "ScriptedLoadableModuleTest"):
-            setattr(stub, name, type(name, (base,), {}))
-        monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", stub)
-    abstract = types.SimpleNamespace(ModificationModeSet=0, ModificationModeAdd=1)
-    for name, value in (("app", mock.MagicMock(name="app")), ("qMRMLNodeComboBox", mock.MagicMock),
-                        ("qSlicerSegmentEditorAbstractEffect", abstract)):
-        if not hasattr(slicer, name):
-            monkeypatch.setattr(slicer, name, value, raising=False)
-    monkeypatch.setattr(slicer.util, "showStatusMessage", lambda *args: None)
-    interaction = slicer.vtkMRMLInteractionNode()  # mouse mode: "view transform", no markups placement
-    slicer.app.applicationLogic.return_value.GetInteractionNode.return_value = interaction
-    for name in ("UltraSamSlicer", "UltraSamSlicerLib.SegmentEditorEffect"):
-        sys.modules.pop(name, None)
-    yield
-    for name in ("UltraSamSlicer", "UltraSamSlicerLib.SegmentEditorEffect"):
-        sys.modules.pop(name, None)
 
 
 def test_module_imports_and_registers_at_startup_only(qt_layer):

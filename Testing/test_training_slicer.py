@@ -14,8 +14,6 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install slicer-core)")
 
-from test_slicer_effect import qt_layer  # noqa: E402,F401  (stubs qt, ctk and the module base classes)
-
 ROOT = Path(__file__).resolve().parents[1]
 for folder in ("UltraSamSlicer", "UltraSamTraining"):
     if str(ROOT / folder) not in sys.path:
@@ -23,7 +21,7 @@ for folder in ("UltraSamSlicer", "UltraSamTraining"):
 
 
 @pytest.fixture
-def module(qt_layer):  # noqa: F811
+def module(qt_layer):
     sys.modules.pop("UltraSamTraining", None)
     yield importlib.import_module("UltraSamTraining")
     sys.modules.pop("UltraSamTraining", None)
