@@ -92,7 +92,7 @@ def test_dicom_series(tmp_path):
 
 def test_4d_needs_a_frame():
     path = shared_path("mrus3d", "labels", "obs000.nii.gz")
-    with pytest.raises(ImageReadError, match="4D series with 6 frames; choose one with --frame 0..5"):
+    with pytest.raises(ImageReadError, match="4D series with 6 frames; choose one with --time-frame 0..5"):
         read_volume(path)
     gland = read_volume(path, frame=0)
     assert gland.shape_kji == (44, 63, 47)

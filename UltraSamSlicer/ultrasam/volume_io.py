@@ -133,7 +133,7 @@ def _select_frame(image: sitk.Image, frame: int | None, path: Path) -> sitk.Imag
     frames = image.GetSize()[3]
     if frame is None:
         raise ImageReadError(
-            f"{path}: is a 4D series with {frames} frames; choose one with --frame 0..{frames - 1}"
+            f"{path}: is a 4D series with {frames} frames; choose one with --time-frame 0..{frames - 1}"
         )
     if not 0 <= frame < frames:
         raise ImageReadError(f"{path}: frame {frame} does not exist; choose 0..{frames - 1}")
