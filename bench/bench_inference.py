@@ -49,9 +49,9 @@ from ultrasam.fast_attention import (  # noqa: E402
     FusedAttention, WarmCompiled, accelerate_image_encoder,
 )
 from ultrasam.device import PRECISIONS, cpu_has_native_bf16  # noqa: E402
-from ultrasam.geometry import Volume  # noqa: E402
+from ultrasam.geometry import Volume, mask_box  # noqa: E402
 from ultrasam.predictor import Predictor, Prompt2D  # noqa: E402
-from ultrasam.propagation import Propagator, StopRules, mask_box  # noqa: E402
+from ultrasam.propagation import Propagator, StopRules  # noqa: E402
 from ultrasam.slicing import VolumeSlices  # noqa: E402
 from ultrasam.volume_embeddings import VolumeEmbeddingCache, VolumeSlicePredictor  # noqa: E402
 

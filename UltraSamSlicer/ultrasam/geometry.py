@@ -43,6 +43,13 @@ def lps_to_ras(points: np.ndarray) -> np.ndarray:
 ras_to_lps = lps_to_ras
 
 
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """(4,) box_xyxy around the pixels of a non-empty (H, W) mask, at the pixel edges:
+    (x0 - 0.5, y0 - 0.5, x1 + 0.5, y1 + 0.5) in the slice frame ``xy``."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return np.array([cols[0] - 0.5, rows[0] - 0.5, cols[-1] + 0.5, rows[-1] + 0.5])
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Where a voxel grid sits in physical space.

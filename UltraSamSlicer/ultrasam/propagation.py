@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ultrasam.geometry import mask_box
 from ultrasam.predictor import Prediction, Prompt2D
 
 VANISHED, LOW_IOU, AREA_JUMP = "vanished", "low_iou", "area_jump"
@@ -284,12 +285,6 @@ def _result(index: int, key: int, prediction: Prediction, stop: str | None) -> S
     if stop is not None:
         mask, logits = np.zeros_like(mask), None
     return SliceResult(index, key, mask, float(prediction.iou), int(prediction.mask.sum()), stop, logits)
-
-
-def mask_box(mask: np.ndarray) -> np.ndarray:
-    """(4,) box_xyxy around the pixels of an (H, W) mask: pixel edges, (x0-.5, y0-.5, x1+.5, y1+.5)."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    return np.array([cols[0] - 0.5, rows[0] - 0.5, cols[-1] + 0.5, rows[-1] + 0.5])
 
 
 def _same_prompt(a: Prompt2D, b: Prompt2D) -> bool:

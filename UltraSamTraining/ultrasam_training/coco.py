@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from ultrasam.geometry import mask_box
 from ultrasam.intensity import to_uint8
 
 ANNOTATION_NAME = re.compile(r"^(?:(?P<split>train|val|test)\.)?(?:agnostic\.)?(?P<dataset>.+)__coco\.json$")
@@ -299,11 +300,7 @@ def read_sample(record: ImageRecord, rles: Sequence[dict]) -> Sample:
 
 def boxes_of(masks: np.ndarray) -> np.ndarray:
     """(N, 4) float32 pixel-edge boxes (see :class:`Sample`) of (N, H, W) non-empty masks."""
-    boxes = np.zeros((len(masks), 4), dtype=np.float32)
-    for n, mask in enumerate(masks):
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        boxes[n] = (cols[0] - 0.5, rows[0] - 0.5, cols[-1] + 0.5, rows[-1] + 0.5)
-    return boxes
+    return np.array([mask_box(mask) for mask in masks], dtype=np.float32).reshape(-1, 4)
 
 
 class CocoDataset:
