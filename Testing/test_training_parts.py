@@ -20,7 +20,7 @@ from ultrasam_training.coco import DataError
 from ultrasam_training.prepare import PrepareOptions, PreparedDataset, StepBatches, low_res_target, resized_hw
 from ultrasam_training.prompts import (Prompts, centroid_points, fixed_prompts, jitter_boxes, mask_boxes,
                                        random_points, sample_prompts)
-from ultrasam_training.step import encode, refine_prompts, run_passes
+from ultrasam_training.step import TrainingModel, encode, refine_prompts, run_passes
 from ultrasam_training.trainer import lr_factor
 
 
@@ -90,9 +90,28 @@ def test_resize_and_low_res_target():
     assert resized_hw(533, 958, 1024) == (569, 1023)  # UltraSam's truncation (facts file)
     masks = torch.zeros(1, 60, 100, dtype=torch.bool)
     masks[0, 8:16, 4:12] = True
-    target = low_res_target(masks, 128)
+    target = low_res_target(masks, 128, 32)
     assert target.shape == (1, 32, 32)
     assert target[0].nonzero().tolist() == [[r, c] for r in range(2, 4) for c in range(1, 3)]
+    finer = low_res_target(masks, 128, 64)  # a model with 8-pixel patches: grid 16, masks 64
+    assert finer[0].nonzero().tolist() == [[r, c] for r in range(4, 8) for c in range(2, 6)]
+    with pytest.raises(ValueError, match="must divide"):
+        low_res_target(masks, 128, 48)
+
+
+def test_a_model_with_smaller_patches_trains_on_its_own_mask_grid():
+    """Targets follow the model's low-res grid (4 x its embedding grid), not SAM's input / 4."""
+    sam = sam_from_config(SamConfig(**{**TINY_SAM, "encoder_global_attn_indexes": (1,), "patch_size": 8})).train()
+    grid = sam.prompt_encoder.mask_input_size[0]
+    assert grid == 64
+    masks = torch.zeros(1, 96, 128, dtype=torch.bool)
+    masks[0, 30:60, 40:90] = True
+    sample = SimpleNamespace(image=torch.zeros(96, 128, 3, dtype=torch.uint8), masks=masks, dataset="d")
+    item = PreparedDataset([sample], PrepareOptions(128, low_res_size=grid))[0]
+    assert item.target.shape == (1, grid, grid)
+    net = TrainingModel(sam, cfg.LossConfig(), refine=True, autocast_dtype=None)
+    net([item])["total"].backward()
+    assert sam.mask_decoder.output_upscaling[0].weight.grad is not None
 
 
 def test_losses_against_torchvision_and_hand_values():

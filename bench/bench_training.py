@@ -51,7 +51,7 @@ def synthetic_items(count: int, objects: int, image_size: int, seed: int = 0) ->
                  + ((ys - centre[:, 1, None, None]) / radius[:, 1, None, None]) ** 2) <= 1
         masks = masks[masks.flatten(1).any(dim=1)]
         image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
-        items.append(Item(image, low_res_target(masks, image_size), sample_prompts(masks, 0.5, 0.05, generator),
+        items.append(Item(image, low_res_target(masks, image_size, image_size // 4), sample_prompts(masks, 0.5, 0.05, generator),
                           None, "synthetic"))
     return items
 

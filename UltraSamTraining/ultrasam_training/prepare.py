@@ -28,7 +28,7 @@ class Item:
         image: (3, h, w) uint8, the image resized so its long side is the model's input size
             (UltraSam's truncating resize), not yet normalised or padded.
         target: (N, L, L) float in {0, 1}, each object's mask on SAM's low-resolution grid of the
-            padded input (L = input size / 4).
+            padded input (L = 4 x the embedding grid: input size / 4 for SAM's 16-pixel patches).
         prompts: N prompts in the ``xy`` frame of ``image``.
         masks: (N, h, w) bool masks at ``image``'s resolution (validation items only, else None).
         dataset: name of the data set the image comes from (validation reports per data set).
@@ -47,6 +47,8 @@ class PrepareOptions:
 
     ``prompt_kind`` "random" draws training prompts (``box_probability``, ``box_jitter``);
     "box" or "point" gives the fixed evaluation prompts (exact box, mask centroid).
+    ``low_res_size`` is the side of the model's low-resolution mask grid (``Sam.prompt_encoder.
+    mask_input_size``); 0 means SAM's ``image_size / 4``.
     """
 
     image_size: int
@@ -56,6 +58,7 @@ class PrepareOptions:
     box_probability: float = 0.5
     box_jitter: float = 0.05
     keep_masks: bool = False
+    low_res_size: int = 0
 
 
 def resized_hw(height: int, width: int, image_size: int) -> tuple[int, int]:
@@ -88,17 +91,19 @@ def prepare(sample: Any, options: PrepareOptions, generator: torch.Generator) ->
         prompts = fixed_prompts(masks, options.prompt_kind)
     return Item(
         image=image,
-        target=low_res_target(masks, options.image_size),
+        target=low_res_target(masks, options.image_size, options.low_res_size or options.image_size // 4),
         prompts=prompts,
         masks=masks if options.keep_masks else None,
         dataset=str(getattr(sample, "dataset", "")),
     )
 
 
-def low_res_target(masks: torch.Tensor, image_size: int) -> torch.Tensor:
-    """(N, h, w) bool masks -> (N, S/4, S/4) {0, 1} float on SAM's low-res grid of the padded input."""
+def low_res_target(masks: torch.Tensor, image_size: int, low_res_size: int) -> torch.Tensor:
+    """(N, h, w) bool masks -> (N, L, L) {0, 1} float on the low-res grid (side L) of the padded input."""
+    if image_size % low_res_size:
+        raise ValueError(f"the low-resolution grid ({low_res_size}) must divide the input size ({image_size})")
     padded = F.pad(masks.float(), (0, image_size - masks.shape[2], 0, image_size - masks.shape[1]))
-    return (F.avg_pool2d(padded[:, None], kernel_size=4)[:, 0] >= 0.5).float()
+    return (F.avg_pool2d(padded[:, None], kernel_size=image_size // low_res_size)[:, 0] >= 0.5).float()
 
 
 def derived_seed(*keys: int) -> int:

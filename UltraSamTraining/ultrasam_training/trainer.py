@@ -146,7 +146,7 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
         # Unused per step: the negative-point embedding, and mask heads no object was closest with.
         net = DistributedDataParallel(net, device_ids=[device.index] if on_gpu else None, find_unused_parameters=True)
 
-    train_set, val_set = _prepared_datasets(config, sam.image_encoder.img_size, procs)
+    train_set, val_set = _prepared_datasets(config, sam.image_encoder.img_size, sam.prompt_encoder.mask_input_size[0], procs)
     batches = StepBatches(len(train_set), config.run.batch_size, config.run.seed, start, config.run.steps,
                           procs.rank, procs.world)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
@@ -193,18 +193,18 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
             log.close()
 
 
-def _prepared_datasets(config: TrainConfig, image_size: int, procs: Processes):
+def _prepared_datasets(config: TrainConfig, image_size: int, low_res_size: int, procs: Processes):
     """(training items with random prompts, validation items with fixed prompts or None; rank 0 only)."""
     train_samples, val_samples = open_datasets(config.data, config.run.seed)
     train_set = PreparedDataset(
         train_samples,
         PrepareOptions(image_size, config.data.max_objects, config.data.flip, "random",
-                       config.prompts.box_probability, config.prompts.box_jitter),
+                       config.prompts.box_probability, config.prompts.box_jitter, low_res_size=low_res_size),
     )
     if val_samples is None or len(val_samples) == 0 or not procs.main:
         return train_set, None
     val_options = PrepareOptions(image_size, config.data.max_objects, prompt_kind=config.prompts.val_prompt,
-                                 keep_masks=True)
+                                 keep_masks=True, low_res_size=low_res_size)
     return train_set, PreparedDataset(val_samples, val_options)
 
 
