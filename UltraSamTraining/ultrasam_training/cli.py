@@ -8,6 +8,8 @@
                           [--time HH:MM:SS]]  start in the background, return at once
     ultrasam-train status RUN_DIR             progress as JSON
     ultrasam-train stop RUN_DIR               end the job (the whole process tree, or scancel)
+    ultrasam-train split FILE.json [--val-fraction F] [--seed S] [--by group|image]
+                                              write a fixed train./val. split beside a data set's file
 """
 
 from __future__ import annotations
@@ -60,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         command.add_argument("run_dir")
         command.set_defaults(run=run)
+
+    split = commands.add_parser("split", help="write train./val. COCO files beside a data set's main file")
+    split.add_argument("annotation_file")
+    split.add_argument("--val-fraction", type=float, default=0.2)
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--by", choices=("group", "image"), default="group")
+    split.set_defaults(run=_split)
     return parser
 
 
@@ -106,6 +115,14 @@ def _stop(args) -> int:
     from ultrasam_training import launch
 
     launch.stop(args.run_dir)
+    return 0
+
+
+def _split(args) -> int:
+    from ultrasam_training.splits import write_split
+
+    for path in write_split(args.annotation_file, args.val_fraction, args.seed, args.by):
+        print(path)
     return 0
 
 

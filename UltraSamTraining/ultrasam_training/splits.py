@@ -14,14 +14,18 @@ Both are deterministic in ``seed``, and each data set is split with its own stre
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from ultrasam_training.coco import CocoDataset
+from ultrasam.atomic import write_text_atomic
+from ultrasam_training.coco import ANNOTATION_NAME, CocoDataset
 
 SPLIT_KINDS = ("group", "image")
 
@@ -64,3 +68,30 @@ def _draw(members: dict[str, list[int]], val_fraction: float, rng: np.random.Gen
             break
         chosen.extend(members[unit])
     return chosen
+
+
+def write_split(annotation_file: str | os.PathLike, val_fraction: float, seed: int = 0,
+                by: str = "group") -> tuple[Path, Path]:
+    """Write ``train.<name>`` and ``val.<name>`` beside a data set's main COCO file ``<name>``.
+
+    The split is :func:`split_dataset`'s for that file alone, so ``data.val_fraction`` training
+    runs and evaluations can share one fixed held-out set. Each output keeps the input's other
+    keys and only the annotations of its images; images the reader drops (no usable object) go
+    to neither file. Both files are written atomically; existing ones are replaced.
+    """
+    source = Path(annotation_file)
+    match = ANNOTATION_NAME.match(source.name)
+    if match is None or match["split"]:
+        raise ValueError(f"{source.name}: expected a main data-set file named <dataset>__coco.json")
+    content = json.loads(source.read_text(encoding="utf-8"))
+    dataset = CocoDataset(source)
+    split = split_dataset(dataset, val_fraction, seed, by)
+    written = []
+    for part, indices in (("train", split.train), ("val", split.val)):
+        ids = {dataset.records[i].image_id for i in indices}
+        subset = dict(content, images=[image for image in content["images"] if image["id"] in ids],
+                      annotations=[a for a in content.get("annotations", []) if a.get("image_id") in ids])
+        target = source.with_name(f"{part}.{source.name}")
+        write_text_atomic(target, json.dumps(subset))
+        written.append(target)
+    return written[0], written[1]
