@@ -183,6 +183,8 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path, tiny_sam):
 
 def test_own_format_keeps_the_inference_rules_it_was_trained_with(tmp_path, tiny_sam):
     trained = load_model(save_checkpoint(tmp_path / "a.pth", tiny_sam, {"postprocess": "ultrasam"}))
+    refined = load_model(save_checkpoint(tmp_path / "c.pth", tiny_sam, {"postprocess": "refine"}))
     plain = load_model(save_checkpoint(tmp_path / "b.pth", tiny_sam, {}))
     assert trained.info["postprocess"] == "ultrasam" and trained.is_ultrasam
+    assert refined.info["postprocess"] == "refine" and not refined.is_ultrasam
     assert plain.info["postprocess"] == "sam"

@@ -49,14 +49,15 @@ def test_ultrasam_resize_truncates():
     assert Predictor(model, device="cpu", mode="sam").input_size(533, 958) == (570, 1024)
 
 
-def _reference_refine(model, image, point):
+def _reference_refine(model, image, point, postprocess):
     """UltraSam's refine inference for one positive point, assembled from SamPredictor calls
-    following ULTRASAM_FACTS.md (an image whose resize is exact, so both pipelines agree)."""
+    following ULTRASAM_FACTS.md (an image whose resize is exact, so both pipelines agree), with
+    ``postprocess(model, logits, input_size, original_shape)`` turning logits into a mask."""
     sam = SamPredictor(model)
     sam.set_image(np.repeat(image[..., None], 3, axis=2))
     _, _, low = sam.predict(point_coords=np.array([point]), point_labels=np.array([1]),
                             multimask_output=False, return_logits=True)
-    first = _ultrasam_postprocess(model, torch.from_numpy(low[None]), sam.input_size, image.shape)
+    first = postprocess(model, torch.from_numpy(low[None]), sam.input_size, image.shape)
     rows, columns = np.flatnonzero(first.any(1)), np.flatnonzero(first.any(0))
     scale = model.image_encoder.img_size / max(image.shape)
     box = np.array([columns[0], rows[0], columns[-1] + 1, rows[-1] + 1]) * scale - 0.5
@@ -64,7 +65,7 @@ def _reference_refine(model, image, point):
                                          masks=torch.from_numpy(low[None]))
     logits, iou = model.mask_decoder(sam.features, model.prompt_encoder.get_dense_pe(), sparse, dense, True)
     best = int(iou[0].argmax())
-    return _ultrasam_postprocess(model, logits[:, best:best + 1], sam.input_size, image.shape), float(iou[0, best])
+    return postprocess(model, logits[:, best:best + 1], sam.input_size, image.shape), float(iou[0, best])
 
 
 def _ultrasam_postprocess(model, logits, input_size, original):
@@ -74,12 +75,18 @@ def _ultrasam_postprocess(model, logits, input_size, original):
     return (F.interpolate(full, original[:2], mode="bilinear", align_corners=False)[0, 0] > 0).numpy()
 
 
+def _sam_postprocess(model, logits, input_size, original):
+    return (model.postprocess_masks(logits, input_size, original[:2])[0, 0] > 0).numpy()
+
+
 @torch.no_grad()
-def test_ultrasam_refine_inference(tiny_sam):
+@pytest.mark.parametrize("mode, postprocess", [("ultrasam", _ultrasam_postprocess), ("refine", _sam_postprocess)])
+def test_refine_inference(tiny_sam, mode, postprocess):
+    """Both two-pass modes; "refine" differs from "ultrasam" only in upsampling logits, not masks."""
     image = _image(96, 128)  # 128 -> 256: both resize rules give 192x256
     point = [64.0, 40.0]
-    expected_mask, expected_iou = _reference_refine(tiny_sam, image, point)
-    predictor = Predictor(tiny_sam, device="cpu", mode="ultrasam", precision="float32")
+    expected_mask, expected_iou = _reference_refine(tiny_sam, image, point, postprocess)
+    predictor = Predictor(tiny_sam, device="cpu", mode=mode, precision="float32")
     prediction = predictor.predict(predictor.set_image(image), Prompt2D([point], [1]))
     assert expected_mask.any()
     assert _iou(prediction.mask, expected_mask) > 0.999

@@ -38,6 +38,7 @@ def test_few_dozen_steps_lower_the_loss_and_validate(tmp_path):
     assert 0.0 <= vals[-1]["dice"] <= 1.0 and 0.0 <= vals[-1]["iou"] <= vals[-1]["dice"] + 1e-9
     final = load_model(tmp_path / "run" / "model.pth")  # what the Segment Editor effect loads
     assert final.model.image_encoder.img_size == 128
+    assert final.info["postprocess"] == "refine"  # run as validated: two passes, logits upsampled
     assert load_model(tmp_path / "run" / "best.pth").config == final.config
 
 

@@ -35,6 +35,7 @@ from segment_anything.modeling import (
 
 from ultrasam import safe_pickle
 from ultrasam.atomic import atomic_path
+from ultrasam.predictor import MODES as INFERENCE_MODES
 
 OWN_FORMAT = "ultrasam-slicer"
 ULTRASAM_PREFIXES = ("backbone.", "decoder.", "bbox_head.", "prompt_encoder.")
@@ -333,7 +334,7 @@ def _identify(raw: Any, path: Path) -> tuple[str, dict[str, torch.Tensor], dict[
         if not isinstance(raw.get("model"), Mapping):
             raise CheckpointError(f"{path}: an {OWN_FORMAT} file without its 'model' tensors; the file is damaged")
         meta = dict(raw.get("meta", {}))
-        rules = {"postprocess": meta["postprocess"]} if meta.get("postprocess") in ("ultrasam", "sam") else {}
+        rules = {"postprocess": meta["postprocess"]} if meta.get("postprocess") in INFERENCE_MODES else {}
         return OWN_FORMAT, _tensors_only(raw["model"], path), {**rules, "meta": meta}
     for wrapper in (None, "state_dict", "model"):
         candidate = raw if wrapper is None else raw.get(wrapper)

@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from ultrasam.device import PRECISIONS
+from ultrasam.predictor import MODES
 from ultrasam.propagation import StopRules
 
 EXAMPLES = """\
@@ -90,9 +91,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="image encoder numerics; auto: bf16 where the hardware has it (GPU, recent CPUs)")
-    parser.add_argument("--mode", choices=("auto", "ultrasam", "sam"), default="auto",
-                        help="inference rules: UltraSam's two-pass refine and post-processing, or SAM's "
-                        "(auto: UltraSam's for UltraSam weights)")
+    parser.add_argument("--mode", choices=("auto", *MODES), default="auto",
+                        help="inference rules: ultrasam (UltraSam's two passes and post-processing), sam "
+                        "(SamPredictor's), refine (UltraSam's two passes, SAM's post-processing: models "
+                        "trained with ultrasam-train); auto: what the checkpoint calls for")
 
 
 def _add_volume_options(parser: argparse.ArgumentParser) -> None:

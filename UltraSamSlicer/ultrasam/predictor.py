@@ -12,6 +12,10 @@ Two modes share one code path and differ only where the published models differ:
     to the image and keep every pixel above 0.
 ``"sam"`` (Meta's ``SamPredictor``): rounded resize with PIL's bilinear filter, one pass, the upsampled
   logits thresholded at 0, multimask output for a lone point.
+``"refine"`` (models trained by ``ultrasam_training`` with the refine round): UltraSam's resize and
+  two passes, with SAM's post-processing (the logits upsampled, then thresholded), as that
+  training validates them. UltraSam's binary-mask resize grows a mask by up to one low-resolution
+  cell, which is 4 input pixels for SAM but 1/64 of the image for a model with a 64 x 64 grid.
 
 Frames: prompts and masks are in the original image's pixel frame ``xy`` (x = column, integer
 values are pixel centres); boxes are ``(x0, y0, x1, y1)`` in that frame, SAM's convention.
@@ -34,7 +38,22 @@ from segment_anything.modeling import Sam
 from ultrasam.device import autocast_for, choose_device, configure_device
 from ultrasam.fast_attention import WarmCompiled, accelerate_image_encoder
 
-MODES = ("ultrasam", "sam")
+@dataclass(frozen=True)
+class Rules:
+    """What an inference mode decides (see the module docstring)."""
+
+    truncating_resize: bool  # mmdet's int() resize without antialiasing; else SamPredictor's rounded PIL resize
+    refine: bool  # UltraSam's second pass
+    binary_upsample: bool  # resize the thresholded low-res mask (UltraSam); else the logits (SAM)
+    multimask_lone_point: bool  # SAM's three candidates for a single click
+
+
+RULES = {
+    "ultrasam": Rules(truncating_resize=True, refine=True, binary_upsample=True, multimask_lone_point=False),
+    "sam": Rules(truncating_resize=False, refine=False, binary_upsample=False, multimask_lone_point=True),
+    "refine": Rules(truncating_resize=True, refine=True, binary_upsample=False, multimask_lone_point=False),
+}
+MODES = tuple(RULES)
 
 
 @dataclass(frozen=True)
@@ -167,6 +186,10 @@ class Predictor:
         return isinstance(self._mask_decoder, WarmCompiled) and self._mask_decoder.wait(timeout)
 
     @property
+    def rules(self) -> Rules:
+        return RULES[self.mode]
+
+    @property
     def image_size(self) -> int:
         return self.model.image_encoder.img_size
 
@@ -204,7 +227,7 @@ class Predictor:
     def input_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) of an (height, width) image resized into the model's S x S input."""
         scale = self.image_size / max(height, width)
-        if self.mode == "ultrasam":
+        if self.rules.truncating_resize:
             return int(height * scale), int(width * scale)
         return int(height * scale + 0.5), int(width * scale + 0.5)
 
@@ -231,7 +254,7 @@ class Predictor:
 
     def _resize(self, image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
         """(H, W, 3) uint8 -> (1, 3, h, w) float holding 8-bit values, as each reference resizes."""
-        if self.mode == "sam":  # SamPredictor resizes with PIL (antialiased bilinear)
+        if not self.rules.truncating_resize:  # SamPredictor resizes with PIL (antialiased bilinear)
             resized = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
             return torch.from_numpy(resized.copy()).to(self.device).permute(2, 0, 1)[None].float()
         # mmcv/OpenCV bilinear, no antialiasing, in 8 bits; computed on the device. OpenCV's
@@ -260,12 +283,12 @@ class Predictor:
             embedding: from :meth:`embed`.
             prompt: points and/or box in the image's pixel frame.
             mask_input: optional (1, 1, 256, 256) logits from an earlier prediction.
-            refine: run UltraSam's second pass; defaults to True in "ultrasam" mode.
+            refine: run UltraSam's second pass; defaults to the mode's rule.
         """
         prompt.check_inside(*embedding.original_hw)
-        refine = self.mode == "ultrasam" if refine is None else refine
+        refine = self.rules.refine if refine is None else refine
         lone_point = prompt.box_xyxy is None and mask_input is None and len(prompt.labels) == 1
-        multimask = self.mode == "sam" and lone_point
+        multimask = self.rules.multimask_lone_point and lone_point
         first = self._decode(embedding, prompt.points_xy, prompt.labels, prompt.box_xyxy, mask_input, multimask)
         if not refine:
             return first
@@ -317,7 +340,7 @@ class Predictor:
 
     def _postprocess(self, logits: torch.Tensor, embedding: ImageEmbedding) -> np.ndarray:
         """(1, 1, 256, 256) logits -> (H, W) bool mask in the original frame."""
-        source = (logits > 0).float() if self.mode == "ultrasam" else logits
+        source = (logits > 0).float() if self.rules.binary_upsample else logits
         upsampled = self.model.postprocess_masks(source, embedding.input_hw, embedding.original_hw)
         return (upsampled[0, 0] > 0).cpu().numpy()
 

@@ -307,5 +307,6 @@ def _load_state(path: Path, sam, optimizer, scheduler, procs: Processes) -> tupl
 
 
 def _inference_rules(config: TrainConfig) -> str:
-    """The predictor mode matching how the model was trained: UltraSam's refine round, or one pass."""
-    return "ultrasam" if config.prompts.refine else "sam"
+    """The predictor mode matching how the model was trained and validated: UltraSam's refine round
+    with logits upsampled before the threshold, or one pass."""
+    return "refine" if config.prompts.refine else "sam"
