@@ -93,7 +93,17 @@ def test_bad_inputs_are_explained_and_write_nothing(tmp_path, checkpoint, capsys
     assert not out.exists()
 
 
-def test_no_model_says_how_to_get_one(tmp_path, capsys, monkeypatch):
+def test_without_weights_the_shipped_model_runs_and_says_so(tmp_path, capsys, monkeypatch):
+    import ultrasam.resources
+
     monkeypatch.setenv("ULTRASAM_CACHE", str(tmp_path / "empty-cache"))
-    error = _run_bad(capsys, ["segment", _volume(tmp_path), "-o", str(tmp_path / "o.nii.gz"), "--point", "1", "1", "1"])
+    out = tmp_path / "o.nii.gz"
+    assert main(["segment", _volume(tmp_path), "-o", str(out), "--point", "5", "5", "3", "--device", "cpu"]) == 0
+    error = capsys.readouterr().err
+    assert "compact model shipped with UltraSamSlicer" in error and "NOT UltraSam" in error
+    assert "ultrasam download" in error and out.is_file()
+    monkeypatch.setattr(ultrasam.resources, "SHIPPED_MODEL", tmp_path / "not-installed.pth")
+    error = _run_bad(capsys, ["segment", _volume(tmp_path), "-o", str(tmp_path / "p.nii.gz"), "--point", "1", "1", "1"])
     assert "ultrasam download" in error and "--checkpoint" in error
+
+

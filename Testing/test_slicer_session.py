@@ -196,9 +196,16 @@ def test_with_a_real_model_the_session_gives_what_the_core_gives(tiny_sam):
     np.testing.assert_array_equal(result.mask, expected)
 
 
-def test_model_settings_say_how_to_get_a_missing_checkpoint(tmp_path):
-    from UltraSamSlicerLib.models import ModelSettings
+def test_model_settings_fall_back_to_the_shipped_model_and_say_how_to_get_ultrasam(tmp_path, monkeypatch):
+    import ultrasam.resources
+    from UltraSamSlicerLib.models import ModelManager, ModelSettings
 
+    assert ModelSettings(cache_dir=str(tmp_path)).checkpoint_path() == ultrasam.resources.SHIPPED_MODEL
+    manager = ModelManager()
+    manager.cache(ModelSettings(cache_dir=str(tmp_path), device="cpu"))
+    assert manager.description.startswith("the compact model shipped with UltraSamSlicer")
+    assert "NOT UltraSam" in manager.description and "download the UltraSam weights" in manager.description
+    monkeypatch.setattr(ultrasam.resources, "SHIPPED_MODEL", tmp_path / "not-installed.pth")
     with pytest.raises(FileNotFoundError, match="Download UltraSam weights"):
         ModelSettings(cache_dir=str(tmp_path)).checkpoint_path()
     (tmp_path / "UltraSam.pth").write_bytes(b"")

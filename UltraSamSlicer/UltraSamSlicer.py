@@ -22,8 +22,10 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 
-from UltraSamSlicerLib.models import DEVICES, OFFICIAL, PRECISIONS, ModelSettings, missing_requirements, shared_manager
+from UltraSamSlicerLib.models import (DEVICES, OFFICIAL, PRECISIONS, ModelSettings, missing_requirements,
+                                      shared_manager, shipped_model_note)
 from UltraSamSlicerLib.worker import InferenceWorker, Job
+from ultrasam.resources import SHIPPED_MODEL
 
 MODULE_DIR = Path(__file__).resolve().parent
 EFFECT_SOURCE = MODULE_DIR / "UltraSamSlicerLib" / "SegmentEditorEffect.py"
@@ -166,7 +168,7 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         self.layout.addWidget(model)
         form = qt.QFormLayout(model)
         self.sourceCombo = qt.QComboBox()
-        self.sourceCombo.addItem("UltraSam (official weights)", OFFICIAL)
+        self.sourceCombo.addItem("UltraSam (official weights; the bundled compact model until downloaded)", OFFICIAL)
         self.sourceCombo.addItem("Checkpoint file (UltraSam, SAM ViT-B, MedSAM, trained here)", "file")
         form.addRow("Weights:", self.sourceCombo)
         self.pathEdit = ctk.ctkPathLineEdit()
@@ -253,7 +255,9 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
             path = settings.checkpoint_path()
         except (FileNotFoundError, ImportError) as error:  # ImportError: packages not installed yet
             return str(error)
-        return f"Loaded: {manager.description}" if manager.description else f"Ready to load {path}"
+        if manager.description:
+            return f"Loaded: {manager.description}"
+        return f"Ready to load {shipped_model_note() if path == SHIPPED_MODEL else path}"
 
     def onSettingsChanged(self, *unused):
         official = self.sourceCombo.currentData == OFFICIAL

@@ -29,8 +29,10 @@ class ModelSettings:
     """What to load and how.
 
     Attributes:
-        checkpoint: :data:`OFFICIAL`, or a path to any checkpoint :func:`ultrasam.checkpoint.load_model`
-            reads (UltraSam, SAM ViT-B, MedSAM, files written by the training module).
+        checkpoint: :data:`OFFICIAL` (the downloaded UltraSam weights; until they are downloaded, the
+            compact model shipped with the extension), or a path to any checkpoint
+            :func:`ultrasam.checkpoint.load_model` reads (UltraSam, SAM ViT-B, MedSAM, files written
+            by the training module).
         device: "auto" (CUDA when available), "cuda" or "cpu".
         precision: "auto" (bf16 image encoder on GPUs that support it) or "float32".
         cache_gib: GPU (or CPU) memory kept for slice embeddings; twice as much more in CPU memory
@@ -48,18 +50,28 @@ class ModelSettings:
         """The file to load; raises FileNotFoundError saying how to get it."""
         if self.checkpoint == OFFICIAL:
             from ultrasam.download import OFFICIAL_NAME
+            from ultrasam.resources import SHIPPED_MODEL
 
             path = Path(self.cache_dir) / OFFICIAL_NAME
-            if not path.is_file():
-                raise FileNotFoundError(
-                    "the UltraSam weights are not downloaded yet: open the UltraSam module and click "
-                    "'Download UltraSam weights' (375 MB), or choose a checkpoint file there"
-                )
-            return path
+            if path.is_file():
+                return path
+            if SHIPPED_MODEL.is_file():
+                return SHIPPED_MODEL
+            raise FileNotFoundError(
+                "the UltraSam weights are not downloaded yet: open the UltraSam module and click "
+                "'Download UltraSam weights' (375 MB), or choose a checkpoint file there"
+            )
         path = Path(self.checkpoint).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist: choose another file in the UltraSam module")
         return path
+
+
+def shipped_model_note() -> str:
+    """What the panel and the effect say while the shipped compact model stands in for UltraSam."""
+    from ultrasam.resources import SHIPPED_MODEL_NOTICE
+
+    return f"{SHIPPED_MODEL_NOTICE}: download the UltraSam weights in the UltraSam module for better masks. "
 
 
 def missing_requirements() -> list[str]:
@@ -95,6 +107,7 @@ class ModelManager:
 def _load(settings: ModelSettings):
     from ultrasam.checkpoint import load_model
     from ultrasam.predictor import Predictor
+    from ultrasam.resources import SHIPPED_MODEL
     from ultrasam.volume_embeddings import GIB, VolumeEmbeddingCache
 
     if settings.device not in DEVICES or settings.precision not in PRECISIONS:
@@ -107,7 +120,7 @@ def _load(settings: ModelSettings):
     budget = int(settings.cache_gib * GIB)
     cache = VolumeEmbeddingCache(predictor, device_bytes=budget, host_bytes=2 * budget)
     description = f"{loaded.kind} ({os.path.basename(path)}) on {predictor.device}, {options['mode']} post-processing"
-    return cache, description
+    return cache, shipped_model_note() + description if path == SHIPPED_MODEL else description
 
 
 _MANAGER = ModelManager()

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--checkpoint", help="UltraSam, SAM, MedSAM or UltraSamTraining checkpoint "
-                        "(default: the downloaded UltraSam weights, see `ultrasam download`)")
+                        "(default: the downloaded UltraSam weights, see `ultrasam download`; without them, "
+                        "the compact model shipped with this package)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="image encoder numerics; auto: bf16 where the hardware has it (GPU, recent CPUs)")
@@ -180,14 +181,14 @@ def _add_demo(commands) -> None:
     parser.set_defaults(run=_run_demo)
 
 
-def _run_segment(args: argparse.Namespace, demo_fallback: bool = False) -> int:
+def _run_segment(args: argparse.Namespace) -> int:
     from ultrasam.atomic import write_text_atomic
     from ultrasam.batch import segment_volume
     from ultrasam.volume_io import read_volume, write_mask
 
     volume = read_volume(args.input, frame=args.time_frame)
     prompts = _volume_prompts(args, volume.shape_kji[0] == 1)
-    predictor, description = predictor_from_args(args, demo_fallback)
+    predictor, description = predictor_from_args(args)
     print(f"model: {description}", file=sys.stderr)
     axis = 0 if volume.shape_kji[0] == 1 else args.axis
     with _progress(volume.shape_kji, axis, args.propagate) as on_slice:
@@ -237,7 +238,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     args.point, args.negative, args.box, args.roi = [list(SAMPLE_POINT_RAS)], [], [], []
     args.frame, args.propagate, args.span = "ras", True, None
     print(f"demo: {SAMPLE_VOLUME.name} (RESECT case 3, CC BY 4.0), one click at RAS {SAMPLE_POINT_RAS}")
-    return _run_segment(args, demo_fallback=True)
+    return _run_segment(args)
 
 
 def _stop_rules(args: argparse.Namespace) -> StopRules:
@@ -271,25 +272,26 @@ def _volume_prompts(args: argparse.Namespace, is_2d: bool):
     return prompts
 
 
-def predictor_from_args(args: argparse.Namespace, demo_fallback: bool = False):
-    """The model named on the command line, else the downloaded UltraSam weights, else (for the
-    demo only) the untrained demonstration model; wrapped in a Predictor, with a description."""
+def predictor_from_args(args: argparse.Namespace):
+    """The model named on the command line, else the downloaded UltraSam weights, else the compact
+    model shipped with the package; wrapped in a Predictor, with a description."""
     from ultrasam.checkpoint import load_model
     from ultrasam.download import cached_official_weights
     from ultrasam.predictor import Predictor
-    from ultrasam.resources import UNTRAINED_NOTICE, demonstration_model
+    from ultrasam.resources import SHIPPED_MODEL, SHIPPED_MODEL_NOTICE
 
-    path = args.checkpoint or cached_official_weights()
-    if path is None and demo_fallback:
-        predictor = Predictor(demonstration_model(), device=args.device, mode="sam", precision=args.precision)
-        return predictor, f"{UNTRAINED_NOTICE} ({predictor.device})"
-    if path is None:
+    path = args.checkpoint or cached_official_weights() or SHIPPED_MODEL
+    if path == SHIPPED_MODEL and not path.is_file():  # a package installed without its data folder
         raise ValueError("no model: pass --checkpoint FILE (UltraSam, SAM or MedSAM weights), "
                          "or run `ultrasam download` once to fetch the official UltraSam weights")
     loaded = load_model(path)
     mode = args.mode if args.mode != "auto" else loaded.info["postprocess"]
     predictor = Predictor(loaded.model, device=args.device, mode=mode, precision=args.precision)
-    return predictor, f"{path} ({loaded.info['architecture']}, {loaded.kind} weights, {mode} rules, {predictor.device})"
+    description = f"{path} ({loaded.info['architecture']}, {loaded.kind} weights, {mode} rules, {predictor.device})"
+    if path == SHIPPED_MODEL:
+        description = (f"{SHIPPED_MODEL_NOTICE}. For UltraSam run `ultrasam download` once (needs internet) "
+                       f"or pass --checkpoint. {description}")
+    return predictor, description
 
 
 class _progress:

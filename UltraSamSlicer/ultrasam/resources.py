@@ -1,4 +1,4 @@
-"""Files shipped with the package: the sample volume and a demonstration model."""
+"""Files shipped with the package: the sample volume and the compact default model."""
 
 from __future__ import annotations
 
@@ -12,19 +12,10 @@ SAMPLE_VOLUME = DATA / "RESECT_Case3.nii.gz"
 # RAS mm of voxel (i, j, k) = (140, 128, 144): the bright (hyperechoic) region of the middle slice.
 SAMPLE_POINT_RAS = (-31.23, 13.67, 20.44)
 
-UNTRAINED_NOTICE = (
-    "UNTRAINED demonstration weights (a small SAM-architecture model with random weights, seed 0): "
-    "the mask only shows that the pipeline runs end to end, it is not a segmentation. For real "
-    "results run `ultrasam download` (UltraSam weights, needs internet) or pass --checkpoint."
+# The compact model trained by this project (docs/MODEL_CARD.md): a small SAM-architecture model
+# trained from scratch on BUS-BRA and HC18. Used when no UltraSam weights are downloaded or chosen.
+SHIPPED_MODEL = DATA / "compact-v1.pth"
+SHIPPED_MODEL_NOTICE = (
+    "the compact model shipped with UltraSamSlicer (trained from scratch on 2D breast and fetal head "
+    "ultrasound; NOT UltraSam, and weaker: docs/MODEL_CARD.md)"
 )
-
-
-def demonstration_model():
-    """A small, deterministic, untrained SAM-architecture model for offline demos and smoke runs."""
-    import torch
-
-    from ultrasam.checkpoint import SamConfig, sam_from_config
-
-    torch.manual_seed(0)
-    return sam_from_config(SamConfig(encoder_embed_dim=64, encoder_depth=4, encoder_num_heads=2,
-                                     encoder_global_attn_indexes=(1, 3), image_size=512))
