@@ -259,7 +259,7 @@ class Predictor:
             return torch.from_numpy(resized.copy()).to(self.device).permute(2, 0, 1)[None].float()
         # mmcv/OpenCV bilinear, no antialiasing, in 8 bits; computed on the device. OpenCV's
         # fixed-point arithmetic can differ from this by one grey level on some pixels.
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None].float()
+        pixels = torch.from_numpy(np.require(image, requirements=["C", "W"])).to(self.device).permute(2, 0, 1)[None].float()
         resized = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
         return torch.floor_(resized + 0.5).clamp_(0, 255)
 
