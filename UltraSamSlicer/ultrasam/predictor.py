@@ -1,6 +1,6 @@
 """2D prediction: image embedding (batched, cached) and prompts -> mask, as UltraSam runs it.
 
-Two modes share one code path and differ only where the published models differ:
+Three modes share one code path and differ only where the models they serve differ:
 
 ``"ultrasam"`` (default for UltraSam weights), after mmdet's pipeline as UltraSam uses it:
   - resize: ``new = int(side * (S / long_side))`` (truncating; 958x533 -> 1023x569), bilinear
@@ -37,6 +37,7 @@ from segment_anything.modeling import Sam
 
 from ultrasam.device import autocast_for, choose_device, configure_device
 from ultrasam.fast_attention import WarmCompiled, accelerate_image_encoder
+
 
 @dataclass(frozen=True)
 class Rules:

@@ -74,10 +74,10 @@ def write_split(annotation_file: str | os.PathLike, val_fraction: float, seed: i
                 by: str = "group") -> tuple[Path, Path]:
     """Write ``train.<name>`` and ``val.<name>`` beside a data set's main COCO file ``<name>``.
 
-    The split is :func:`split_dataset`'s for that file alone, so ``data.val_fraction`` training
-    runs and evaluations can share one fixed held-out set. Each output keeps the input's other
-    keys and only the annotations of its images; images the reader drops (no usable object) go
-    to neither file. Both files are written atomically; existing ones are replaced.
+    The split is :func:`split_dataset`'s for that file alone, written down so that training
+    (``data.val``) and ``ultrasam evaluate`` share one fixed held-out set. Each output keeps the
+    input's other keys and only the annotations of its images; images the reader drops (no usable
+    object) go to neither file. Both files are written atomically; existing ones are replaced.
     """
     source = Path(annotation_file)
     match = ANNOTATION_NAME.match(source.name)
