@@ -28,13 +28,27 @@ def inner_point_ras(slices: VolumeSlices, gland: np.ndarray, index: int) -> np.n
     return slices.volume.geometry.ijk_to_ras(ijk)
 
 
+def point_prompts(slices, gland, keys):
+    """Per-slice prompts: one positive point (given in RAS) on each slice of ``keys``."""
+    points = np.concatenate([inner_point_ras(slices, gland, k) for k in keys])
+    return slice_prompts(slices, VolumePrompts(points, np.ones(len(keys)), frame="ras"))
+
+
 def point_run(slices, gland, keys, rules=StopRules()):
     """Propagate from one positive point (given in RAS) on each slice of ``keys``."""
-    points = np.concatenate([inner_point_ras(slices, gland, k) for k in keys])
-    prompts = slice_prompts(slices, VolumePrompts(points, np.ones(len(keys)), frame="ras"))
+    prompts = point_prompts(slices, gland, keys)
     fake = TruthPredictor(slices, gland)
     propagator = Propagator(fake, slices.num_slices, rules)
     return propagator, fake, propagator.run(prompts), prompts
+
+
+def obs004_quarter_keys(axis):
+    """obs004 sliced along ``axis``: slices, gland, the slices holding it, and the two key slices
+    a quarter of its length in from either end."""
+    volume, gland = read_prostate("obs004.nii.gz")
+    slices = VolumeSlices(volume, axis)
+    extent = occupied(gland, axis)
+    return slices, gland, extent, extent[len(extent) // 4], extent[3 * len(extent) // 4]
 
 
 @needs_mrus3d
@@ -73,10 +87,7 @@ def test_one_point_in_the_gland_recovers_the_gland(case, axis, start):
 @needs_mrus3d
 @pytest.mark.parametrize("axis", [0, 2])
 def test_two_key_slices_meet_halfway_in_either_order(axis):
-    volume, gland = read_prostate("obs004.nii.gz")
-    slices = VolumeSlices(volume, axis)
-    extent = occupied(gland, axis)
-    low, high = extent[len(extent) // 4], extent[3 * len(extent) // 4]
+    slices, gland, _, low, high = obs004_quarter_keys(axis)
     _, _, forward, _ = point_run(slices, gland, [low, high])
     _, _, backward, _ = point_run(slices, gland, [high, low])
     middle = (low + high) // 2
@@ -91,10 +102,7 @@ def test_two_key_slices_meet_halfway_in_either_order(axis):
 
 @needs_mrus3d
 def test_reprompting_one_key_slice_recomputes_only_its_territory():
-    volume, gland = read_prostate("obs004.nii.gz")
-    slices = VolumeSlices(volume, 0)
-    extent = occupied(gland, 0)
-    low, high = extent[len(extent) // 4], extent[3 * len(extent) // 4]
+    slices, gland, extent, low, high = obs004_quarter_keys(0)
     propagator, fake, first, prompts = point_run(slices, gland, [low, high])
     fake.calls.clear()
     moved = dict(prompts)
@@ -110,14 +118,10 @@ def test_reprompting_one_key_slice_recomputes_only_its_territory():
 
 @needs_mrus3d
 def test_adding_and_removing_a_key_slice_reuses_the_neighbours():
-    volume, gland = read_prostate("obs004.nii.gz")
-    slices = VolumeSlices(volume, 0)
-    extent = occupied(gland, 0)
-    low, high = extent[len(extent) // 4], extent[3 * len(extent) // 4]
+    slices, gland, extent, low, high = obs004_quarter_keys(0)
     propagator, fake, _, prompts = point_run(slices, gland, [low])
     single = slices.to_volume(propagator.result.masks())
-    both = slice_prompts(slices, VolumePrompts(
-        np.concatenate([inner_point_ras(slices, gland, k) for k in (low, high)]), [1, 1], frame="ras"))
+    both = point_prompts(slices, gland, [low, high])
     fake.calls.clear()
     propagator.run(both)  # the new key slice takes over the upper half of the old walk
     assert min(fake.called_slices()) == (low + high) // 2 + 1
@@ -137,7 +141,7 @@ def test_cancelling_half_way_keeps_the_previous_result(stop_after):
     saved = {i: (r.mask.copy(), r.iou, r.area, r.stop) for i, r in before.slices.items()}
     second_key = extent[len(extent) // 4]
     more = dict(prompts)
-    more.update(slice_prompts(slices, VolumePrompts(inner_point_ras(slices, gland, second_key), [1], frame="ras")))
+    more.update(point_prompts(slices, gland, [second_key]))
     calls = len(fake.calls)
     with pytest.raises(PropagationCancelled):
         propagator.run(more, should_cancel=lambda: len(fake.calls) >= calls + stop_after)
@@ -214,8 +218,7 @@ def test_span_limits_the_walks_and_widening_it_only_computes_the_new_slices():
     slices = VolumeSlices(volume, 1)
     extent = occupied(gland, 1)
     middle = extent[len(extent) // 2]
-    points = inner_point_ras(slices, gland, middle)
-    prompts = slice_prompts(slices, VolumePrompts(points, [1], frame="ras"))
+    prompts = point_prompts(slices, gland, [middle])
     fake = TruthPredictor(slices, gland)
     propagator = Propagator(fake, slices.num_slices)
     narrow = propagator.run(prompts, span=(middle - 3, middle + 5))
