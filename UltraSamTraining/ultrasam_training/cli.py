@@ -64,10 +64,11 @@ def _parser() -> argparse.ArgumentParser:
         command.set_defaults(run=run)
 
     split = commands.add_parser("split", help="write train./val. COCO files beside a data set's main file")
-    split.add_argument("annotation_file")
-    split.add_argument("--val-fraction", type=float, default=0.2)
-    split.add_argument("--seed", type=int, default=0)
-    split.add_argument("--by", choices=("group", "image"), default="group")
+    split.add_argument("annotation_file", help="a data set's main file, <dataset>__coco.json")
+    split.add_argument("--val-fraction", type=float, default=0.2, help="share of the images held out (default 0.2)")
+    split.add_argument("--seed", type=int, default=0, help="which groups are drawn (default 0)")
+    split.add_argument("--by", choices=("group", "image"), default="group",
+                       help="hold out whole patients/volumes (group, default) or random images")
     split.set_defaults(run=_split)
     return parser
 
