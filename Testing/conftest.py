@@ -12,6 +12,15 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helper modules
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _user_cache_in_a_temporary_folder(tmp_path_factory):
+    """What ultrasam keeps in the user's cache folder (the CPU precision choice, downloaded weights)
+    goes to a folder of this test session, never the user's (subprocesses inherit it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ULTRASAM_CACHE", str(tmp_path_factory.mktemp("user-cache")))
+        yield
+
+
 def shared_path(*parts: str) -> Path:
     """Path under ../shared/data, skipping the test with the reason when it is absent."""
     path = SHARED_DATA.joinpath(*parts)

@@ -34,7 +34,8 @@ class ModelSettings:
             :func:`ultrasam.checkpoint.load_model` reads (UltraSam, SAM ViT-B, MedSAM, files written
             by the training module).
         device: "auto" (CUDA when available), "cuda" or "cpu".
-        precision: "auto" (bf16 image encoder on GPUs that support it) or "float32".
+        precision: "auto" (bf16 image encoder on GPUs that support it; on a CPU the faster of
+            bf16 and fp32, timed once per machine and model) or "float32".
         cache_gib: GPU (or CPU) memory kept for slice embeddings; twice as much more in CPU memory
             before old embeddings are dropped.
         cache_dir: folder of the downloaded official weights.

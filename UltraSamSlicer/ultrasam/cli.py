@@ -91,7 +91,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         "the compact model shipped with this package)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="image encoder numerics; auto: bf16 where the hardware has it (GPU, recent CPUs)")
+                        help="image encoder numerics; auto: bf16 on a GPU, and on a CPU whichever of the two "
+                        "a short timed run finds faster (once per machine and model, remembered)")
     parser.add_argument("--mode", choices=("auto", *MODES), default="auto",
                         help="inference rules: ultrasam (UltraSam's two passes and post-processing), sam "
                         "(SamPredictor's), refine (UltraSam's two passes, SAM's post-processing: models "

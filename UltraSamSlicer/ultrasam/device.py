@@ -34,28 +34,21 @@ def choose_device(requested: str | torch.device = "auto") -> torch.device:
 
 
 def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
-    """The image encoder's numeric mode.
+    """The image encoder's numeric mode: bf16 autocast for "bfloat16" (CUDA or CPU), none for "float32".
 
-    "auto": bf16 autocast where the hardware computes bf16 natively (CUDA GPUs that support it, CPUs
-    with AVX512-BF16 or AMX), fp32 elsewhere: UltraSam's encoder keeps mask IoU >= 0.99 against
-    fp32 in bf16, and it is 2.2x faster on such a CPU (docs/BENCHMARKS.md); "float32": always fp32;
-    "bfloat16": bf16 autocast on CUDA or the CPU, also where the CPU only emulates it.
+    "auto" here means bf16 on CUDA GPUs that support it and fp32 elsewhere; the predictor resolves
+    "auto" on a CPU by timing the encoder first (:func:`ultrasam.precision.resolve_precision`),
+    because the CPU's flags do not tell whether bf16 pays (docs/BENCHMARKS.md).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "float32":
+    if precision == "float32" or device.type not in ("cuda", "cpu"):
         return contextlib.nullcontext()
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and (precision == "bfloat16" or cpu_has_native_bf16()):
+    if device.type == "cpu" and precision == "bfloat16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); emulated bf16 is slower
-    than fp32."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def configure_device(device: str | torch.device, threads: int | None = None) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
@@ -37,6 +38,7 @@ from segment_anything.modeling import Sam
 
 from ultrasam.device import autocast_for, choose_device, configure_device
 from ultrasam.fast_attention import WarmCompiled, accelerate_image_encoder
+from ultrasam.precision import resolve_precision
 
 
 @dataclass(frozen=True)
@@ -153,9 +155,12 @@ class Predictor:
         device: "auto", "cuda", "mps", "cpu" or a torch.device.
         mode: "ultrasam" or "sam" (see the module docstring).
         cache_size: how many image embeddings to keep (least recently used dropped first).
-        batch_size: images per image-encoder call.
-        precision: "auto", "float32" or "bfloat16" for the image encoder (see
-            :func:`ultrasam.device.autocast_for`); the decoder always runs in fp32.
+        batch_size: images per image-encoder call; halved for good when the GPU runs out of
+            memory (down to 1, then the error is raised).
+        precision: "auto", "float32" or "bfloat16" for the image encoder; "auto" is bf16 on CUDA
+            and, on a CPU, the faster of the two by a timed run at the first embedding
+            (:func:`ultrasam.precision.resolve_precision`, cached per machine and model). The
+            decoder always runs in fp32.
         compile_decoder: compile the mask decoder with ``torch.compile`` on a background thread
             (clicks run eagerly until it is ready, then about 1.3x faster on this project's CPU; see
             docs/BENCHMARKS.md). Needs a working inductor toolchain; on failure it stays eager.
@@ -168,6 +173,7 @@ class Predictor:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         autocast_for(torch.device("cpu"), precision)  # validates the name
         self.precision = precision
+        self._encoder_precision: str | None = None
         self.device = choose_device(device)
         configure_device(self.device)
         self.model = accelerate_image_encoder(model.to(self.device).eval())
@@ -185,6 +191,13 @@ class Predictor:
     def wait_until_compiled(self, timeout: float | None = None) -> bool:
         """Block until the compiled decoder is warm (True), or it failed or was not asked for."""
         return isinstance(self._mask_decoder, WarmCompiled) and self._mask_decoder.wait(timeout)
+
+    @property
+    def encoder_precision(self) -> str:
+        """"float32" or "bfloat16": :attr:`precision` with "auto" resolved (timed once on a CPU)."""
+        if self._encoder_precision is None:
+            self._encoder_precision = resolve_precision(self.precision, self.device, self.model.image_encoder)
+        return self._encoder_precision
 
     @property
     def rules(self) -> Rules:
@@ -207,16 +220,32 @@ class Predictor:
         for i, key in enumerate(keys):
             first_of.setdefault(key, i)  # an image given twice is embedded once
         missing = [i for key, i in first_of.items() if key not in known]
-        for start in range(0, len(missing), self.batch_size):
+        start = 0
+        while start < len(missing):
             chunk = missing[start:start + self.batch_size]
-            for embedding in self._encode([images[i] for i in chunk], [keys[i] for i in chunk]):
+            try:
+                encoded = self._encode([images[i] for i in chunk], [keys[i] for i in chunk])
+            except torch.cuda.OutOfMemoryError:
+                if len(chunk) == 1:
+                    raise
+                self._halve_batch(len(chunk))
+                continue
+            for embedding in encoded:
                 known[embedding.key] = embedding
                 if cache:
                     self._remember(embedding)
+            start += len(chunk)
         for key in keys:
             if cache and key in self._cache:  # a long list may have evicted its own first images
                 self._cache.move_to_end(key)
         return [known[key] for key in keys]
+
+    def _halve_batch(self, failed: int) -> None:
+        """After the GPU ran out of memory on ``failed`` (> 1) images at once: half as many from now on."""
+        torch.cuda.empty_cache()
+        self.batch_size = max(1, failed // 2)
+        warnings.warn(f"the GPU ran out of memory embedding {failed} images at once; "
+                      f"embedding {self.batch_size} at a time from now on")
 
     def set_image(self, image: np.ndarray) -> ImageEmbedding:
         """Embed one image (cached)."""
@@ -236,7 +265,7 @@ class Predictor:
     def _encode(self, images: list[np.ndarray], keys: list[str]) -> list[ImageEmbedding]:
         inputs, sizes = zip(*(self._preprocess(image) for image in images))
         batch = torch.cat(inputs)
-        with autocast_for(self.device, self.precision):
+        with autocast_for(self.device, self.encoder_precision):
             features = self.model.image_encoder(batch)
         features = features.float()
         return [
