@@ -10,32 +10,14 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT
+from segment_anything.modeling.image_encoder import Attention
 
 from conftest import shared_path
+from speed_helpers import iou, randomise_rel_pos, tiny_encoder
 from ultrasam.fast_attention import FusedAttention, WarmCompiled, accelerate_image_encoder
 from ultrasam.predictor import Predictor, Prompt2D
 from ultrasam.slicing import VolumeSlices
 from ultrasam.volume_io import read_volume
-
-
-def _randomise_rel_pos(module: torch.nn.Module, seed: int = 0) -> None:
-    """SAM zero-initialises the relative-position tables; trained ones are not zero."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in module.named_parameters():
-        if "rel_pos" in name:
-            param.data = torch.randn(param.shape, generator=generator)
-
-
-def _tiny_encoder() -> ImageEncoderViT:
-    """SAM-shaped but narrow: 20 x 20 tokens, so windowed blocks (14) pad, plus global blocks."""
-    torch.manual_seed(0)
-    encoder = ImageEncoderViT(
-        img_size=320, embed_dim=64, depth=4, num_heads=4, out_chans=32, use_rel_pos=True,
-        window_size=14, global_attn_indexes=(1, 3),
-    )
-    _randomise_rel_pos(encoder)
-    return encoder.eval()
 
 
 FOLD = pytest.mark.parametrize("fold", [False, True], ids=["bias-as-mask", "bias-folded-into-qk"])
@@ -46,7 +28,7 @@ FOLD = pytest.mark.parametrize("fold", [False, True], ids=["bias-as-mask", "bias
 def test_fused_attention_matches_original(grid, fold):
     torch.manual_seed(0)
     original = Attention(dim=96, num_heads=4, use_rel_pos=True, input_size=grid)
-    _randomise_rel_pos(original)
+    randomise_rel_pos(original)
     fused = copy.deepcopy(original)
     fused.__class__ = FusedAttention  # what accelerate_image_encoder does to each block
     fused.fold_rel_pos = fold
@@ -63,7 +45,7 @@ def test_fused_attention_matches_original(grid, fold):
 
 @FOLD
 def test_accelerated_encoder_matches_original_forward_and_gradients(fold):
-    original = _tiny_encoder()
+    original = tiny_encoder()
     fast = accelerate_image_encoder(copy.deepcopy(original), fold_rel_pos=fold)
     x = torch.randn(2, 3, 320, 320)
 
@@ -78,7 +60,7 @@ def test_accelerated_encoder_matches_original_forward_and_gradients(fold):
 
 
 def test_accelerate_keeps_weights_and_is_idempotent():
-    encoder = _tiny_encoder()
+    encoder = tiny_encoder()
     before = {key: value.clone() for key, value in encoder.state_dict().items()}
 
     assert accelerate_image_encoder(accelerate_image_encoder(encoder)) is encoder
@@ -96,7 +78,7 @@ def test_accelerate_refuses_other_models():
 
 
 def test_warm_compiled_serves_eagerly_then_compiled_for_warmed_shapes():
-    encoder = accelerate_image_encoder(_tiny_encoder())
+    encoder = accelerate_image_encoder(tiny_encoder())
     x = torch.randn(3, 3, 320, 320)
     with torch.inference_mode():
         expected = encoder(x)
@@ -133,12 +115,6 @@ def test_warm_compiled_decoder_tells_prompt_shapes_and_flags_apart(tiny_sam):
     for flag, result in ((False, single), (True, multi)):
         for got, want in zip(result, expected[flag]):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
-def _iou(a, b) -> float:
-    """Intersection over union of two boolean arrays (numpy or torch) of one shape."""
-    a, b = np.asarray(a), np.asarray(b)
-    return float((a & b).sum() / max((a | b).sum(), 1))
 
 
 @pytest.mark.shared
@@ -178,8 +154,8 @@ def test_fast_path_masks_match_fp32_reference_on_real_slices(tiny_sam, fold):
             want = reference.predict(expected, prompt)
             got = fast.predict(bf16, prompt)
             threshold = want.low_res_logits.median()
-            assert _iou(got.mask, want.mask) >= 0.98
-            assert _iou(got.low_res_logits > threshold, want.low_res_logits > threshold) >= 0.98
+            assert iou(got.mask, want.mask) >= 0.98
+            assert iou(got.low_res_logits > threshold, want.low_res_logits > threshold) >= 0.98
 
 
 def test_predictor_with_compiled_decoder_gives_the_same_masks(tiny_sam, monkeypatch):

@@ -48,16 +48,21 @@ PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=2)
 
 @dataclass(frozen=True)
 class Processes:
-    """This process's place in a (torchrun) job; one process when WORLD_SIZE is unset."""
+    """This process's place in a (torchrun) job; one process when WORLD_SIZE is unset.
+
+    ``launched``: started by torchrun (WORLD_SIZE set), which gets a process group and DDP even
+    with one process, so a 1-GPU job runs the same NCCL path as a larger one.
+    """
 
     rank: int = 0
     local_rank: int = 0
     world: int = 1
+    launched: bool = False
 
     @classmethod
     def from_env(cls) -> Processes:
         return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                   int(os.environ.get("WORLD_SIZE", 1)))
+                   int(os.environ.get("WORLD_SIZE", 1)), "WORLD_SIZE" in os.environ)
 
     @property
     def main(self) -> bool:
@@ -112,7 +117,7 @@ def _setup(config: TrainConfig, procs: Processes) -> torch.device:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if procs.world > 1:
+    if procs.launched:
         # Long enough for rank 0's validation, while the other ranks wait at the next collective.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     if config.run.deterministic:
@@ -142,7 +147,7 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
     if resume and state_path.is_file():
         start, best = _load_state(state_path, sam, optimizer, scheduler, procs)
     net = TrainingModel(sam, config.loss, config.prompts.refine, autocast)
-    if procs.world > 1:
+    if dist.is_initialized():
         # Unused per step: the negative-point embedding, and mask heads no object was closest with.
         net = DistributedDataParallel(net, device_ids=[device.index] if on_gpu else None, find_unused_parameters=True)
 
