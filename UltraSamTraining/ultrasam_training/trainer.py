@@ -161,6 +161,7 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
     if log:
         save_config(config, run_dir / "config.json")
         log.write("start", start, steps=config.run.steps, world=procs.world, device=str(device),
+                  process_group=dist.get_backend() if dist.is_initialized() else None,
                   precision=str(autocast or torch.float32), images=len(train_set),
                   val_images=len(val_set) if val_set else 0)
     step, logged, tick = start, start, time.time()
