@@ -177,3 +177,31 @@ def test_predictor_with_compiled_decoder_gives_the_same_masks(tiny_sam, monkeypa
         got = compiled.predict(compiled.set_image(image), prompt)
         assert np.array_equal(got.mask, want.mask) and abs(got.iou - want.iou) < 1e-5
     assert compiled._mask_decoder.served["compiled"] >= 3
+
+
+def test_fused_decoder_attention_gives_segment_anything_decoder_outputs(tiny_sam):
+    """The mask decoder with SDPA attention against segment_anything's own, for a click, a box and
+    a click with mask input, single- and multimask."""
+    from ultrasam.fast_attention import FusedDecoderAttention, accelerate_mask_decoder
+
+    reference = copy.deepcopy(tiny_sam)
+    fast = accelerate_mask_decoder(tiny_sam)
+    assert sum(type(m) is FusedDecoderAttention for m in fast.mask_decoder.modules()) == 7  # 2 blocks x 3 + final
+    grid = tiny_sam.prompt_encoder.image_embedding_size
+    embedding = torch.randn(1, 256, *grid, generator=torch.Generator().manual_seed(0))
+    prompts = [dict(points=(torch.tensor([[[100.0, 120.0]]]), torch.tensor([[1]])), boxes=None, masks=None),
+               dict(points=None, boxes=torch.tensor([[30.0, 40.0, 200.0, 180.0]]), masks=None),
+               dict(points=(torch.tensor([[[100.0, 120.0], [60.0, 50.0]]]), torch.tensor([[1, 0]])), boxes=None,
+                    masks=torch.randn(1, 1, 4 * grid[0], 4 * grid[1]))]
+
+    def decode(model, prompt, multimask):
+        sparse, dense = model.prompt_encoder(**prompt)
+        return model.mask_decoder(image_embeddings=embedding, image_pe=model.prompt_encoder.get_dense_pe(),
+                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                  multimask_output=multimask)
+
+    with torch.inference_mode():
+        for prompt in prompts:
+            for multimask in (False, True):
+                for got, want in zip(decode(fast, prompt, multimask), decode(reference, prompt, multimask)):
+                    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

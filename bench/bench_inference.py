@@ -46,12 +46,12 @@ from segment_anything import SamPredictor  # noqa: E402
 
 from ultrasam.checkpoint import SamConfig, load_model, sam_from_config, save_checkpoint  # noqa: E402
 from ultrasam.fast_attention import (  # noqa: E402
-    FusedAttention, WarmCompiled, accelerate_image_encoder,
+    FusedAttention, FusedDecoderAttention, WarmCompiled, accelerate_image_encoder,
 )
 from ultrasam.device import PRECISIONS  # noqa: E402
 from ultrasam.geometry import Volume, mask_box  # noqa: E402
 from ultrasam.precision import resolve_precision  # noqa: E402
-from ultrasam.predictor import Predictor, Prompt2D  # noqa: E402
+from ultrasam.predictor import ImageEmbedding, Predictor, Prompt2D  # noqa: E402
 from ultrasam.propagation import Propagator, StopRules  # noqa: E402
 from ultrasam.slicing import VolumeSlices  # noqa: E402
 from ultrasam.volume_embeddings import VolumeEmbeddingCache, VolumeSlicePredictor  # noqa: E402
@@ -106,8 +106,8 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ---- reference ---------------------------------------------------------------------------
-def reference_run(model, slices: VolumeSlices, clicks: int, clock: Clock) -> tuple[dict, list[np.ndarray]]:
-    """SamPredictor fp32, slice by slice. Returns the figures and its box mask on every slice."""
+def reference_run(model, slices: VolumeSlices, clock: Clock) -> tuple[dict, list[np.ndarray], SamPredictor]:
+    """SamPredictor fp32, slice by slice. Returns the figures, its box mask on every slice, itself."""
     predictor, device = SamPredictor(model), clock.device
     box = centre_box(*slices.image_shape)
     reset_peak(device)
@@ -116,17 +116,13 @@ def reference_run(model, slices: VolumeSlices, clicks: int, clock: Clock) -> tup
         _, seconds = clock(predictor.set_image, np.repeat(slices.image(index)[..., None], 3, axis=2))
         embed_s.append(seconds)
         masks.append(predictor.predict(box=box, multimask_output=False)[0][0])
-    point = np.array([[box[0] + box[2], box[1] + box[3]]]) / 2
-    click_s = [clock(predictor.predict, point_coords=point, point_labels=np.array([1]))[1] for _ in range(clicks)]
     propagated, propagate_s = clock(reference_propagate, predictor, slices, box)
     return {
         "embed_ms_per_slice": 1e3 * statistics.mean(embed_s[1:] or embed_s),  # first: warm-up
-        "click_ms": 1e3 * statistics.median(click_s),
-        "click_ms_min": 1e3 * min(click_s),
         "propagate_s": propagate_s,
         "propagated_slices": propagated,
         "peak_gib": peak_gib(device),
-    }, masks
+    }, masks, predictor
 
 
 def reference_propagate(predictor: SamPredictor, slices: VolumeSlices, box: np.ndarray) -> int:
@@ -147,8 +143,11 @@ def reference_propagate(predictor: SamPredictor, slices: VolumeSlices, box: np.n
 
 # ---- engine ------------------------------------------------------------------------------
 def engine_run(model, slices: VolumeSlices, clicks: int, batch: int, clock: Clock, precision: str = "auto",
-               compile_decoder: bool = False) -> tuple[dict, list[np.ndarray]]:
-    """ultrasam's Predictor + VolumeEmbeddingCache + Propagator, as the effect and CLI use them."""
+               compile_decoder: bool = False) -> tuple[dict, list[np.ndarray], Predictor, ImageEmbedding]:
+    """ultrasam's Predictor + VolumeEmbeddingCache + Propagator, as the effect and CLI use them.
+
+    Returns the figures, the box mask on every slice, the predictor and the middle slice's embedding.
+    """
     device = clock.device
     # Compilation happens off the clicks' path; the timed clicks are warm ones. One at a time:
     # torch.compile of one module from two threads at once is not supported.
@@ -168,21 +167,33 @@ def engine_run(model, slices: VolumeSlices, clicks: int, batch: int, clock: Cloc
     embeddings, embed_s = clock(cache.get, slices, everything)
     masks = [predictor.predict(e, Prompt2D(box_xyxy=box)).mask for e in embeddings]
     point = Prompt2D(points_xy=[(box[:2] + box[2:]) / 2], labels=[1])
-    cached = embeddings[slices.num_slices // 2]
-    click_s = [clock(predictor.predict, cached, point)[1] for _ in range(clicks)]
     cached_refine = refine.set_image(slices.image(slices.num_slices // 2))
     refine_s = [clock(refine.predict, cached_refine, point)[1] for _ in range(clicks)]
     predictor.clear_cache()
     propagated, propagate_s = clock(engine_propagate, predictor, slices, box, batch)
     return {
         "embed_ms_per_slice": 1e3 * embed_s / slices.num_slices,
-        "click_ms": 1e3 * statistics.median(click_s),
-        "click_ms_min": 1e3 * min(click_s),
         "click_refine_ms": 1e3 * statistics.median(refine_s),
         "propagate_s": propagate_s,
         "propagated_slices": propagated,
         "peak_gib": peak_gib(device),
-    }, masks
+    }, masks, predictor, embeddings[slices.num_slices // 2]
+
+
+def side_by_side_clicks(reference: SamPredictor, engine: Predictor, embedding: ImageEmbedding, image: np.ndarray,
+                        clicks: int, clock: Clock) -> dict[str, list[float]]:
+    """Seconds of ``clicks`` single-point clicks of each path on the same slice, taken in turns (and
+    who goes first alternating), so that both see the same load of a shared machine."""
+    reference.set_image(np.repeat(image[..., None], 3, axis=2))
+    box = centre_box(*image.shape)
+    centre = (box[:2] + box[2:]) / 2
+    runs = {"reference": lambda: reference.predict(point_coords=centre[None], point_labels=np.array([1])),
+            "engine": lambda: engine.predict(embedding, Prompt2D(points_xy=[centre], labels=[1]))}
+    seconds = {name: [] for name in runs}
+    for turn in range(clicks):
+        for name in (("reference", "engine") if turn % 2 == 0 else ("engine", "reference")):
+            seconds[name].append(clock(runs[name])[1])
+    return seconds
 
 
 def engine_propagate(predictor: Predictor, slices: VolumeSlices, box: np.ndarray, batch: int) -> int:
@@ -282,10 +293,14 @@ def benchmark(args: argparse.Namespace) -> dict:
         cold = {"engine": cold_start(path, slices, device, clock, engine=True, precision=precision),
                 "reference": cold_start(path, slices, device, clock, engine=False)}
 
-    reference, reference_masks = reference_run(copy.deepcopy(base).to(device), slices, args.clicks, clock)
+    reference, reference_masks, reference_predictor = reference_run(copy.deepcopy(base).to(device), slices, clock)
     engine_model = copy.deepcopy(base)
-    engine, engine_masks = engine_run(engine_model, slices, args.clicks, args.batch, clock, precision,
-                                      args.compile_decoder)
+    engine, engine_masks, engine_predictor, middle = engine_run(engine_model, slices, args.clicks, args.batch,
+                                                                clock, precision, args.compile_decoder)
+    clicks = side_by_side_clicks(reference_predictor, engine_predictor, middle,
+                                 slices.image(slices.num_slices // 2), args.clicks, clock)
+    for name, figures in (("reference", reference), ("engine", engine)):
+        figures["click_ms"], figures["click_ms_min"] = 1e3 * statistics.median(clicks[name]), 1e3 * min(clicks[name])
     reference["cold_start_s"], engine["cold_start_s"] = cold["reference"], cold["engine"]
     ious = [iou(a, b) for a, b in zip(engine_masks, reference_masks)]
     figures = {
@@ -337,7 +352,8 @@ def _engine_setup(model) -> dict:
     """What the library applied to the engine's model (read back, not assumed)."""
     attentions = [type(m) for m in model.image_encoder.modules() if hasattr(m, "qkv")]
     return {"fused_attention_blocks": sum(kind is FusedAttention for kind in attentions),
-            "attention_blocks": len(attentions)}
+            "attention_blocks": len(attentions),
+            "fused_decoder_attentions": sum(type(m) is FusedDecoderAttention for m in model.mask_decoder.modules())}
 
 
 def _cpu_name() -> str:

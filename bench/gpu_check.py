@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench"), str(REPO / "UltraSamSlicer"), str(REPO / "UltraSamTraining")]
 
 from ultrasam.atomic import write_text_atomic  # noqa: E402
+from ultrasam_training.launch import process_tree  # noqa: E402
 
 BUNDLED_VOLUME = REPO / "UltraSamSlicer" / "ultrasam" / "data" / "RESECT_Case3.nii.gz"
 CARRIED_VOLUME = REPO / "carry" / "Case3_uint8.npz"
@@ -144,12 +145,11 @@ def torchrun_resume(work: Path, dry_run: bool, volume: Path) -> dict:
     with (work / "killed.log").open("w") as log:
         job = subprocess.Popen(command + [str(work / "killed.json")], stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
-        while not any(r["kind"] == "checkpoint" for r in read_records(metrics)):
+        while not _past_a_checkpoint(read_records(metrics)):  # so that some work is lost
             if job.poll() is not None:
                 raise RuntimeError(f"the job to kill ended first (exit {job.returncode}); see killed.log")
             time.sleep(0.02)
-        time.sleep(0.5)  # past the checkpoint, so that work after it is lost
-        os.killpg(job.pid, signal.SIGKILL)
+        kill_tree(job.pid)
         job.wait()
     figures["killed_at_step"] = max(r["step"] for r in read_records(metrics) if r["kind"] == "train")
     _run_logged(command + [str(work / "killed.json")], work / "resumed.log")
@@ -163,6 +163,12 @@ def torchrun_resume(work: Path, dry_run: bool, volume: Path) -> dict:
     figures["bit_identical"] = all(torch.equal(expected[key], resumed[key]) for key in expected)
     figures["max_abs_difference"] = max(differences)
     return figures
+
+
+def _past_a_checkpoint(records: list[dict]) -> bool:
+    """Whether a training step was logged after the first checkpoint."""
+    saved = [r["step"] for r in records if r["kind"] == "checkpoint"]
+    return bool(saved) and any(r["kind"] == "train" and r["step"] > saved[0] for r in records)
 
 
 def _run_logged(command: list[str], log: Path) -> None:
@@ -230,10 +236,19 @@ def run_step(command: list[str], timeout_s: float, log: Path) -> tuple[str, floa
         try:
             status = "ok" if process.wait(timeout=max(timeout_s, 0.1)) == 0 else "failed"
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # torchrun's and pytest's children too
+            kill_tree(process.pid)
             process.wait()
             status = "timeout"
     return status, time.perf_counter() - start, memory.peak_mib
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL to ``pid`` and all its descendants, also those in sessions of their own (torchrun's workers)."""
+    for member in process_tree(pid):
+        try:
+            os.kill(member, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _child_env() -> dict:

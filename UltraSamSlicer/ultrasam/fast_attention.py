@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from segment_anything.modeling import Sam
 from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT, get_rel_pos
+from segment_anything.modeling.transformer import Attention as DecoderAttention
 
 from ultrasam.device import autocast_for
 
@@ -150,6 +151,31 @@ def accelerate_image_encoder(
         if isinstance(module, Attention):
             module.__class__ = FusedAttention
             module.fold_rel_pos = fold_rel_pos
+    return model
+
+
+class FusedDecoderAttention(DecoderAttention):
+    """The mask decoder's ``Attention`` (token <-> image cross-attention and token self-attention)
+    with the same parameters, computed by one SDPA call instead of matmul, softmax, matmul and the
+    copies of its head transposes. Re-classed by :func:`accelerate_mask_decoder`, never built."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(B, Nq, C) queries, (B, Nk, C) keys and values -> (B, Nq, C)."""
+        q = self._separate_heads(self.q_proj(q), self.num_heads)  # (B, heads, Nq, C' / heads)
+        k = self._separate_heads(self.k_proj(k), self.num_heads)
+        v = self._separate_heads(self.v_proj(v), self.num_heads)
+        return self.out_proj(self._recombine_heads(F.scaled_dot_product_attention(q, k, v)))
+
+
+def accelerate_mask_decoder(model: Sam) -> Sam:
+    """Switch every attention of a SAM mask decoder to :class:`FusedDecoderAttention`, in place.
+
+    The same function (SDPA's default scale is segment_anything's 1 / sqrt(head_dim)); a click runs
+    about 30 fewer small operations. Returns the same model.
+    """
+    for module in model.mask_decoder.modules():
+        if isinstance(module, DecoderAttention):
+            module.__class__ = FusedDecoderAttention
     return model
 
 

@@ -37,7 +37,7 @@ from PIL import Image
 from segment_anything.modeling import Sam
 
 from ultrasam.device import autocast_for, choose_device, configure_device
-from ultrasam.fast_attention import WarmCompiled, accelerate_image_encoder
+from ultrasam.fast_attention import WarmCompiled, accelerate_image_encoder, accelerate_mask_decoder
 from ultrasam.precision import resolve_precision
 
 
@@ -149,9 +149,9 @@ class Predictor:
 
     Args:
         model: a ``segment_anything`` ``Sam`` (e.g. from :func:`ultrasam.checkpoint.load_model`);
-            the predictor takes it over: it is moved to ``device`` and its image encoder switched
-            to fused attention (:func:`ultrasam.fast_attention.accelerate_image_encoder`: same
-            weights, same function).
+            the predictor takes it over: it is moved to ``device`` and its image encoder and mask
+            decoder switched to fused attention (:func:`ultrasam.fast_attention.accelerate_image_encoder`,
+            :func:`~ultrasam.fast_attention.accelerate_mask_decoder`: same weights, same function).
         device: "auto", "cuda", "mps", "cpu" or a torch.device.
         mode: "ultrasam" or "sam" (see the module docstring).
         cache_size: how many image embeddings to keep (least recently used dropped first).
@@ -176,7 +176,7 @@ class Predictor:
         self._encoder_precision: str | None = None
         self.device = choose_device(device)
         configure_device(self.device)
-        self.model = accelerate_image_encoder(model.to(self.device).eval())
+        self.model = accelerate_mask_decoder(accelerate_image_encoder(model.to(self.device).eval()))
         with torch.inference_mode():  # constant per model: computed once, not per click
             self._dense_pe = self.model.prompt_encoder.get_dense_pe()
         self._mask_decoder = self.model.mask_decoder
