@@ -46,8 +46,8 @@ examples:
 # Commands of the training library, handed their own arguments (each has its own --help).
 DELEGATED = {
     "train": ("ultrasam_training.cli", "configure, run, launch, watch and stop training jobs"),
-    "convert": ("ultrasam_training.convert", "convert data sets (BUS-BRA, HC18, 3D volumes) to US-43d's COCO layout"),
-    "check-data": ("ultrasam_training.check", "report missing files and bad masks in a COCO data set"),
+    "convert": ("ultrasam_data.convert", "convert data sets (BUS-BRA, HC18, 3D volumes) to US-43d's COCO layout"),
+    "check-data": ("ultrasam_data.check", "report missing files and bad masks in a COCO data set"),
 }
 
 

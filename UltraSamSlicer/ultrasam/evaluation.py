@@ -103,7 +103,7 @@ def evaluate_images(samples: Iterable, predictor: Predictor | None, total: int |
 
     Args:
         samples: objects with ``image`` ((H, W[, 3]) uint8), ``masks`` ((N, H, W) bool),
-            ``boxes_xyxy`` ((N, 4)), ``dataset`` and ``path`` (e.g. ``ultrasam_training.coco.Sample``).
+            ``boxes_xyxy`` ((N, 4)), ``dataset`` and ``path`` (e.g. ``ultrasam_data.coco.Sample``).
         predictor: the model, or None for the ellipse baseline alone.
         total: number of samples, for the progress bar.
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from ultrasam_training.coco import CocoDataset, DataError, Problem, read_sample
+from ultrasam_data.coco import CocoDataset, DataError, Problem, read_sample
 
 
 @dataclass

@@ -120,7 +120,7 @@ def _stop(args) -> int:
 
 
 def _split(args) -> int:
-    from ultrasam_training.splits import write_split
+    from ultrasam_data.splits import write_split
 
     for path in write_split(args.annotation_file, args.val_fraction, args.seed, args.by):
         print(path)
