@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
+from collections.abc import Mapping
+from importlib import metadata
 from typing import Sequence
 
 import numpy as np
@@ -42,20 +43,20 @@ examples:
 """
 
 
-# Commands of the training library, handed their own arguments (each has its own --help).
-DELEGATED = {
-    "train": ("ultrasam_training.cli", "configure, run, launch, watch and stop training jobs"),
-    "convert": ("ultrasam_data.convert", "convert data sets (BUS-BRA, HC18, 3D volumes) to US-43d's COCO layout"),
-    "check-data": ("ultrasam_data.check", "report missing files and bad masks in a COCO data set"),
-}
+# Commands other packages add (pyproject.toml: [project.entry-points."ultrasam.commands"]): the
+# entry point's name is the command, its object a ``main(argv) -> int`` that parses its own arguments.
+COMMAND_GROUP = "ultrasam.commands"
+DESCRIPTION = "UltraSam: SAM trained on ultrasound, for images and 3D volumes."
+NO_REGISTERED_COMMANDS = ("\n  none found; installing this project (pip install -e .) registers train, convert "
+                          "and check-data")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in DELEGATED:
-        module = importlib.import_module(DELEGATED[argv[0]][0])
-        return module.main(argv[1:])
-    parser = build_parser()
+    registered = registered_commands()
+    if argv and argv[0] in registered:
+        return registered[argv[0]].load()(argv[1:])
+    parser = build_parser(registered)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -65,16 +66,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def registered_commands() -> dict[str, metadata.EntryPoint]:
+    """Command name -> entry point (not loaded yet) of every command installed packages register."""
+    try:
+        entries = metadata.entry_points(group=COMMAND_GROUP)
+    except TypeError:  # Python 3.9: no selection; a dict of group -> entry points
+        entries = metadata.entry_points().get(COMMAND_GROUP, ())
+    commands: dict[str, metadata.EntryPoint] = {}
+    for entry in entries:
+        commands.setdefault(entry.name, entry)  # the first on sys.path wins, as for imports
+    return commands
+
+
+def build_parser(registered: Mapping[str, metadata.EntryPoint] | None = None) -> argparse.ArgumentParser:
     from ultrasam.evaluation import add_evaluate_parser
 
-    training = "".join(f"\n  {name:<12}{text}" for name, (_, text) in DELEGATED.items())
-    parser = argparse.ArgumentParser(
-        prog="ultrasam", description="UltraSam: SAM trained on ultrasound, for images and 3D volumes."
-        f"\n\ntraining commands (see `ultrasam <command> --help`):{training}",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(required=True, metavar="command")
+    parser = _Parser(registered_commands() if registered is None else registered, prog="ultrasam",
+                     description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(required=True, metavar="command", parser_class=argparse.ArgumentParser)
     _add_segment(commands)
     _add_batch(commands)
     _add_info(commands)
@@ -256,6 +265,29 @@ def _volume_prompts(args: argparse.Namespace, is_2d: bool):
     if prompts.is_empty():
         raise ValueError("no prompt given: add --point, --negative, --box or --roi (see --help)")
     return prompts
+
+
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser; its help also lists the registered commands, loaded only then."""
+
+    def __init__(self, registered: Mapping[str, metadata.EntryPoint], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.registered = registered
+
+    def format_help(self) -> str:
+        listing = "".join(f"\n  {name:<12}{_summary(entry)}" for name, entry in self.registered.items())
+        self.description = (f"{DESCRIPTION}\n\nmore commands, from other packages (see `ultrasam <command> "
+                            f"--help`):{listing or NO_REGISTERED_COMMANDS}")
+        return super().format_help()
+
+
+def _summary(entry: metadata.EntryPoint) -> str:
+    """First line of a registered command's docstring; a command that fails to load is named."""
+    try:
+        command = entry.load()
+    except Exception as error:  # another package's failure must leave `ultrasam --help` working
+        return f"cannot be loaded ({entry.value}: {error})"
+    return (command.__doc__ or "").strip().split("\n")[0]
 
 
 class _progress:

@@ -99,6 +99,7 @@ def summary(writer: CocoWriter) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Convert data sets (BUS-BRA, HC18, 3D volumes) to US-43d's COCO layout."""
     args = build_parser().parse_args(argv)
     name = args.name or DEFAULT_NAMES[args.kind]
     if not name:
