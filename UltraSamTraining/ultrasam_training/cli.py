@@ -23,7 +23,7 @@ from ultrasam_training import config as config_module
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Configure, run, launch, watch and stop training jobs (also `ultrasam train`)."""
+    """Configure, run, launch, watch and stop training jobs (the `ultrasam-train` command)."""
     args = _parser().parse_args(argv)
     try:
         return args.run(args)
