@@ -3,7 +3,8 @@
 Every form counts, wherever it sits (module level, inside a function, under ``if``):
 ``import a.b``, ``from a import b``, relative imports, ``importlib.import_module("a.b")`` and
 ``__import__("a.b")`` with a literal name, and a string that is exactly a dotted project module
-(``"a.b"`` or ``"a.b:attr"``), since such a string exists to be imported by name later.
+(``"a.b"`` or ``"a.b:attr"``), since such a string exists to be imported by name later (unless it
+follows ``"-m"`` in an argument list: a child process runs that module, nothing imports it).
 
 A file's module name is the one Python gives it when the first folder above its packages is on
 ``sys.path`` (as Slicer puts module folders and pytest puts Testing/ there).
@@ -86,10 +87,13 @@ def read_imports(root: Path) -> list[Import]:
 
 def _imported_names(tree: ast.AST, package: str, project: set[str]) -> Iterator[tuple[int, list[str]]]:
     """(line, candidate module names, most specific first) of each import in ``tree``."""
-    # Strings already read as an import call's argument, and docstrings, are no further imports.
+    # No further imports: docstrings, strings already read as an import call's argument, and the
+    # module after "-m" in an argument list (a child process runs it; this file does not import it).
     seen = {id(node.body[0].value) for node in ast.walk(tree) if _has_docstring(node)}
     seen |= {id(node.args[0]) for node in ast.walk(tree) if isinstance(node, ast.Call) and _is_import_call(node)
              and node.args}
+    seen |= {id(after) for node in ast.walk(tree) if isinstance(node, (ast.List, ast.Tuple))
+             for flag, after in zip(node.elts, node.elts[1:]) if _literal(flag) == "-m"}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:

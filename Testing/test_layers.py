@@ -27,7 +27,7 @@ SYNTHETIC_TREE = {
     "Mod/ultrasam/b.py": "from ultrasam.a import late\n",
     "Mod/ultrasam/c.py": 'COMMANDS = {"t": "ultrasam_training.t:main"}\n',
     "Mod/ultrasam/d.py": "if True:\n    import slicer.util\n",
-    "Mod/ultrasam/e.py": '"""ultrasam_training.t"""\nfrom ultrasam import a\n',
+    "Mod/ultrasam/e.py": '"""ultrasam_training.t"""\nfrom ultrasam import a\nRUN = ["python", "-m", "ultrasam_training.t"]\n',
     "Mod/ultrasam_data/__init__.py": "",
     "Mod/ultrasam_data/f.py": "__import__('ultrasam_training.t')\n",
     "Train/ultrasam_training/__init__.py": "",
