@@ -76,11 +76,12 @@ def read_imports(root: Path) -> list[Import]:
     """Every import of every project file under ``root``."""
     files = python_files(root)
     modules = project_modules(files)
+    names = set(modules)
     found = []
     for path in files:
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
-        for line, candidates in _imported_names(tree, package, set(modules)):
+        for line, candidates in _imported_names(tree, package, names):
             found.append(Import(path, line, candidates[0], _target(candidates, modules)))
     return found
 
