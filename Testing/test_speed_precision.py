@@ -92,7 +92,7 @@ def test_the_real_timer_runs_the_encoder_up_to_its_first_global_block(tiny_sam):
 def test_the_predictor_embeds_in_the_remembered_choice(tiny_sam, tmp_path, monkeypatch):
     """Predictor(precision="auto") on a CPU runs the encoder as the cache says (here: bf16), the same
     embedding as asking for bf16, and not fp32's."""
-    from ultrasam.download import cache_dir
+    from ultrasam.user_cache import cache_dir
     from ultrasam.fast_attention import accelerate_image_encoder
     from ultrasam.precision import CACHE_NAME
 

@@ -13,19 +13,13 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
+from ultrasam.user_cache import cache_dir
+
 Progress = Callable[[int, int], None]  # (bytes received so far, total bytes or 0 if unknown)
 
 OFFICIAL_URL = "https://s3.unistra.fr/camma_public/github/ultrasam/UltraSam.pth"
 OFFICIAL_NAME = "UltraSam.pth"
 CHUNK = 1 << 20
-
-
-def cache_dir() -> Path:
-    """``$ULTRASAM_CACHE``, else ``$XDG_CACHE_HOME/ultrasam``, else ``~/.cache/ultrasam``."""
-    if os.environ.get("ULTRASAM_CACHE"):
-        return Path(os.environ["ULTRASAM_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ultrasam"
 
 
 def cached_official_weights(folder: str | os.PathLike | None = None) -> Path | None:

@@ -4,7 +4,7 @@ bf16 autocast runs SAM's encoder 2.2x faster than fp32 on one CPU with AVX512-BF
 slower on another CPU that reports the same flag (docs/BENCHMARKS.md), so the flags cannot decide.
 :func:`resolve_precision` times a short run of the encoder in fp32 and in bf16 the first time a
 model shape runs on a machine, and keeps the answer in ``<cache_dir>/cpu_precision.json``
-(:func:`ultrasam.download.cache_dir`), keyed by the machine (CPU model and flags, torch version,
+(:func:`ultrasam.user_cache.cache_dir`), keyed by the machine (CPU model and flags, torch version,
 threads) and the encoder's parameter shapes. Later runs read the answer and time nothing.
 """
 
@@ -23,7 +23,7 @@ from torch import nn
 
 from ultrasam.atomic import write_text_atomic
 from ultrasam.device import PRECISIONS, autocast_for
-from ultrasam.download import cache_dir
+from ultrasam.user_cache import cache_dir
 
 CACHE_NAME = "cpu_precision.json"
 # bf16 must beat fp32 by this factor: fp32 is exact, bf16 moves a few boundary pixels.
