@@ -228,6 +228,8 @@ class Predictor:
             except torch.cuda.OutOfMemoryError:
                 if len(chunk) == 1:
                     raise
+                encoded = None  # handled below, once the error's traceback no longer holds the batch
+            if encoded is None:
                 self._halve_batch(len(chunk))
                 continue
             for embedding in encoded:
