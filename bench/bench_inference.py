@@ -50,7 +50,7 @@ from ultrasam.fast_attention import (  # noqa: E402
 )
 from ultrasam.device import PRECISIONS  # noqa: E402
 from ultrasam.geometry import Volume, mask_box  # noqa: E402
-from ultrasam.precision import resolve_precision  # noqa: E402
+from ultrasam.precision import cpu_description, resolve_precision  # noqa: E402
 from ultrasam.predictor import ImageEmbedding, Predictor, Prompt2D  # noqa: E402
 from ultrasam.propagation import Propagator, StopRules  # noqa: E402
 from ultrasam.slicing import VolumeSlices  # noqa: E402
@@ -305,6 +305,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     ious = [iou(a, b) for a, b in zip(engine_masks, reference_masks)]
     figures = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "cpu_flags": cpu_description()[1],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "load_average_1min": [load_start, os.getloadavg()[0]],  # other work on the machine, start/end
@@ -357,13 +358,7 @@ def _engine_setup(model) -> dict:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"cpu: {line.split(':', 1)[1].strip()}"
-    except OSError:
-        pass
-    return "cpu"
+    return f"cpu: {cpu_description()[0]}"
 
 
 def print_table(figures: dict) -> None:
