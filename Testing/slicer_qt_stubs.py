@@ -46,8 +46,8 @@ def stub_qt_layer(monkeypatch):
     monkeypatch.setattr(slicer.util, "showStatusMessage", lambda *args: None)
     interaction = slicer.vtkMRMLInteractionNode()  # mouse mode: "view transform", no markups placement
     slicer.app.applicationLogic.return_value.GetInteractionNode.return_value = interaction
-    for name in ("UltraSamSlicer", "UltraSamSlicerLib.SegmentEditorEffect"):
+    for name in ("UltraSamSlicer", "UltraSamSegmentEditorEffect"):
         sys.modules.pop(name, None)
     yield
-    for name in ("UltraSamSlicer", "UltraSamSlicerLib.SegmentEditorEffect"):
+    for name in ("UltraSamSlicer", "UltraSamSegmentEditorEffect"):
         sys.modules.pop(name, None)

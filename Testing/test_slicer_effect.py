@@ -31,6 +31,7 @@ import vtk  # noqa: E402
 
 MODULE_DIR = Path(__file__).resolve().parents[1] / "UltraSamSlicer"
 sys.path[:0] = [str(MODULE_DIR), str(MODULE_DIR / "Testing" / "Python")]
+from slicer_effect_loaders import load_like_slicer_5_10  # noqa: E402
 from slicer_test_fakes import ThresholdModel, ball  # noqa: E402
 from UltraSamSlicerLib import mrml_bridge  # noqa: E402
 
@@ -159,8 +160,8 @@ def effect(scene):
 
     from UltraSamSlicerLib.session import SegmentationSession
 
-    module = importlib.import_module("UltraSamSlicerLib.SegmentEditorEffect")
-    effect = module.SegmentEditorEffect(StubAdaptor(editorNode, image))
+    effect_class = load_like_slicer_5_10(importlib.import_module("UltraSamSlicer").EFFECT_SOURCE)
+    effect = effect_class(StubAdaptor(editorNode, image))
     effect.setupOptionsFrame()
     # The option widgets as a user left them (qt is stubbed, so give them real values).
     effect.directionCombo = types.SimpleNamespace(currentText="both")
@@ -367,11 +368,12 @@ def test_the_effect_loads_the_chosen_checkpoint_and_reloads_when_it_changes(effe
     import dataclasses
 
     from ultrasam.checkpoint import save_checkpoint
+    from UltraSamSlicerLib import model_settings
     from UltraSamSlicerLib.models import ModelSettings, shared_manager
 
     chosen = {"settings": ModelSettings(checkpoint=str(save_checkpoint(tmp_path / "first.pth", tiny_sam)),
                                         device="cpu")}
-    monkeypatch.setattr(type(effect), "modelSettings", staticmethod(lambda: chosen["settings"]))
+    monkeypatch.setattr(model_settings, "read", lambda: chosen["settings"])
     effect.sessionFactory = None  # the real path: ModelManager -> load_model -> Predictor -> session
     effect.buildSession()
     settle(effect)

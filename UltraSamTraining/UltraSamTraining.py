@@ -138,19 +138,17 @@ class UltraSamTrainingLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def useModel(path: str) -> None:
         """Make ``path`` the UltraSam effect's model (the UltraSam module's checkpoint setting)."""
-        from UltraSamSlicer import UltraSamSlicerLogic
+        from UltraSamSlicerLib import model_settings
 
-        settings = UltraSamSlicerLogic.modelSettings()
-        UltraSamSlicerLogic.saveModelSettings(dataclasses.replace(settings, checkpoint=path))
+        model_settings.save(dataclasses.replace(model_settings.read(), checkpoint=path))
 
     @staticmethod
     def currentModel() -> str:
         """The checkpoint the UltraSam module uses now (a path, or its name for the official weights)."""
-        from UltraSamSlicer import UltraSamSlicerLogic
+        from UltraSamSlicerLib import model_settings
 
-        settings = UltraSamSlicerLogic.modelSettings()
         try:
-            return str(settings.checkpoint_path())
+            return str(model_settings.read().checkpoint_path())
         except FileNotFoundError:
             return ""
 

@@ -1,7 +1,7 @@
 """The UltraSam Segment Editor effect: prompts in slice views -> live preview -> propagate -> apply.
 
 A thin Qt layer. Clicks, drags and markups become world-RAS prompts (:mod:`mrml_bridge`); the
-Qt-free :class:`~UltraSamSlicerLib.session.SegmentationSession` turns them into a (K, J, I) mask on
+Qt-free :class:`UltraSamSlicerLib.session.SegmentationSession` turns them into a (K, J, I) mask on
 the one inference thread (:mod:`worker`); a ``QTimer`` on the main thread collects results and does
 all MRML work. The result is shown in a separate preview segmentation and reaches the edited
 segment only through ``modifySelectedSegmentByLabelmap``, after one ``saveStateForUndo``, so
@@ -25,7 +25,9 @@ import slicer
 import vtk
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
-from UltraSamSlicerLib import mrml_bridge
+# Only absolute imports of the helpers' package: Slicer loads this file as the module
+# "UltraSamSegmentEditorEffect" (its folder's name), never as part of a package.
+from UltraSamSlicerLib import model_settings, mrml_bridge
 from UltraSamSlicerLib.models import missing_requirements, shared_manager
 from UltraSamSlicerLib.worker import InferenceWorker, Job
 
@@ -240,22 +242,15 @@ trained without negative points: they may change little).</li>
             return
         volume, factory = self.volume, self.sessionFactory
         if factory is None:
-            settings = self.sessionSettings = self.modelSettings()
+            chosen = self.sessionSettings = model_settings.read()
 
             def factory(volume):
                 from UltraSamSlicerLib.session import SegmentationSession
 
-                return SegmentationSession(volume, shared_manager().cache(settings))
+                return SegmentationSession(volume, shared_manager().cache(chosen))
 
         self.worker.request(Job("load", lambda job: factory(volume)))
         self.setStatus("Loading UltraSam...")
-
-    @staticmethod
-    def modelSettings():
-        """The model chosen in the UltraSam module (or by the training module's 'Use this model')."""
-        from UltraSamSlicer import UltraSamSlicerLogic
-
-        return UltraSamSlicerLogic.modelSettings()
 
     # ---- prompts --------------------------------------------------------------------------------
     def promptNode(self, positive: bool):
@@ -472,7 +467,7 @@ trained without negative points: they may change little).</li>
         """Start (or queue, replacing a queued one) a run of the session on the current prompts."""
         if self.session is None or self.worker is None:
             return
-        if self.sessionFactory is None and self.modelSettings() != self.sessionSettings:
+        if self.sessionFactory is None and model_settings.read() != self.sessionSettings:
             self.buildSession()  # another model was chosen meanwhile: load it, then run these prompts
             return
         from ultrasam.propagation import StopRules
