@@ -413,3 +413,35 @@ def test_a_markups_roi_prompts_every_slice_it_crosses_and_resizing_it_reruns(eff
     effect.runPrompts()
     settle(effect)
     assert preview_kji(effect, scene) == ball_voxels({6})
+
+
+@pytest.mark.parametrize("hovered", ["control point", "ROI handle"])
+def test_a_press_or_backspace_over_a_hovered_markups_point_or_handle_is_left_to_markups(effect, scene, hovered):
+    """The markups widget marks what the mouse hovers as the display node's active component
+    (vtkSlicerMarkupsWidget::ProcessMouseMove -> SetActiveComponent, mouse context ""); with it set,
+    the press (drag that point) and Backspace (delete it) must reach Markups, not add a prompt."""
+    view = k_plane_view(6)
+    xy = view.xyOf(world_of_kji(CENTER_KJI)[0])
+    click(effect, view, xy)  # one prompt, so Backspace would have something to undo
+    points = effect.promptNode(True)
+    if hovered == "control point":
+        display = points.GetDisplayNode()
+        display.SetActiveControlPoint(0)
+        assert display.GetActiveComponentType() == display.ComponentControlPoint
+    else:
+        roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+        roi.CreateDefaultDisplayNodes()
+        display = roi.GetDisplayNode()
+        display.SetActiveComponent(display.ComponentScaleHandle, 2)
+    press, release = vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonReleaseEvent
+    assert not effect.processInteractionEvents(interactor(xy), press, view)
+    assert not effect.processInteractionEvents(interactor(xy), release, view)
+    assert not effect.processInteractionEvents(interactor(xy, key="BackSpace"), vtk.vtkCommand.KeyPressEvent, view)
+    assert not effect.processInteractionEvents(interactor(xy, key="Delete"), vtk.vtkCommand.KeyPressEvent, view)
+    assert points.GetNumberOfControlPoints() == 1 and len(effect.undoStack) == 1  # nothing added or undone
+
+    display.SetActiveComponent(display.ComponentNone, -1)  # the mouse left it: clicks prompt again
+    click(effect, view, (xy[0] + 10, xy[1]))
+    assert points.GetNumberOfControlPoints() == 2
+    assert effect.processInteractionEvents(interactor(xy, key="BackSpace"), vtk.vtkCommand.KeyPressEvent, view)
+    assert points.GetNumberOfControlPoints() == 1

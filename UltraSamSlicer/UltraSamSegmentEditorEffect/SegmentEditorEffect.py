@@ -38,6 +38,7 @@ PROMPT_ROLE_ATTRIBUTE = "UltraSam.PromptRole"  # marks the effect's own click-pr
 DRAG_PIXELS = 4  # a press-release that moves further is a box, not a click
 POLL_MS = 50
 USER_ERRORS = (ValueError, FileNotFoundError, IndexError)  # shown in the panel, not as a traceback
+MARKUPS_KEYS = ("BackSpace", "Delete")  # Markups deletes the hovered point with these (vtkSlicerMarkupsWidget)
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -88,8 +89,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 <li><b>Click</b> in a slice view: positive point. <b>Ctrl+click</b>: negative point (UltraSam was
 trained without negative points: they may change little).</li>
 <li><b>Drag</b>: box on that slice. A <b>markups ROI</b> selected below: a box on every slice it crosses.</li>
-<li>Markups points can be moved; a points node selected below adds more positive points.</li>
-<li><b>p</b>: propagate through the volume. <b>Backspace</b>: remove the last click or box.
+<li>Markups points and ROI handles can be dragged (press on them); <b>Backspace</b> or <b>Delete</b> over a
+point deletes it. A points node selected below adds more positive points.</li>
+<li><b>p</b>: propagate through the volume. <b>Backspace</b> elsewhere: remove the last click or box.
 <b>Enter</b>: apply the preview to the selected segment (undo with Ctrl+Z).</li>
 <li>Views must show the volume's own slices; use <b>Align views</b> for oblique volumes.</li>
 </ul></html>"""
@@ -388,10 +390,13 @@ trained without negative points: they may change little).</li>
 
     # ---- view interaction -----------------------------------------------------------------------
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
+        # True stops the event: the editor observes at priority 1.0 and aborts what the effect
+        # handled, so the markups widgets (priority 0.0) would never see it (qMRMLSegmentEditorWidget.cxx).
         if viewWidget.className() != "qMRMLSliceWidget" or self.volume is None:
             return False
         if eventId == vtk.vtkCommand.KeyPressEvent:
-            return self.onKey(callerInteractor.GetKeySym())
+            key = callerInteractor.GetKeySym()
+            return not (key in MARKUPS_KEYS and self.markupsHovered()) and self.onKey(key)
         if callerInteractor.GetShiftKey() or callerInteractor.GetAltKey():
             return False  # Shift moves the crosshair, Alt is the view's: leave them to Slicer
         interactionNode = slicer.app.applicationLogic().GetInteractionNode()  # vtkMRMLApplicationLogic
@@ -399,6 +404,8 @@ trained without negative points: they may change little).</li>
             return False  # the user is placing a markups point or ROI (a prompt too): let Slicer place it
         xy = callerInteractor.GetEventPosition()
         if eventId == vtk.vtkCommand.LeftButtonPressEvent:
+            if self.markupsHovered():
+                return False  # Markups drags the point or handle under the mouse
             confirmed = self.scriptedEffect.confirmCurrentSegmentVisible()
             if confirmed in (self.scriptedEffect.NotConfirmed, self.scriptedEffect.ConfirmedWithDialog):
                 return True  # as Slicer's Draw effect: a dialog ate the matching release event
@@ -420,6 +427,18 @@ trained without negative points: they may change little).</li>
                 self.addPoint(viewWidget, xy, positive=not negative)
             return True
         return False
+
+    @staticmethod
+    def markupsHovered() -> bool:
+        """Whether the mouse is over a markups control point, line or handle (prompts included).
+
+        The markups widget marks what the mouse hovers as its display node's active component, for
+        the mouse's interaction context (vtkSlicerMarkupsWidget::ProcessMouseMove), and clears it
+        when the mouse leaves; the effect lets mouse moves through, so this stays current.
+        """
+        none = slicer.vtkMRMLMarkupsDisplayNode.ComponentNone
+        return any(node.GetActiveComponentType() != none
+                   for node in slicer.util.getNodesByClass("vtkMRMLMarkupsDisplayNode"))
 
     def onKey(self, key):
         """Effect keys, chosen not to clash with the Segment Editor's own (digits, z, y, q, w, i, ...)."""
