@@ -11,8 +11,8 @@ Slicer APIs used here (all in Slicer 5.8): ``AbstractScriptedSegmentEditorEffect
 ``qSlicerSegmentEditorAbstractEffect`` methods declared in qSlicerSegmentEditorAbstractEffect.h
 (``sourceVolumeImageData``, ``defaultModifierLabelmap``, ``modifySelectedSegmentByLabelmap``,
 ``saveStateForUndo``, ``confirmCurrentSegmentVisible``, ``addActor2D``, ``scheduleRender``,
-``setNodeReference``); ``vtkMRMLSliceNode.RotateToVolumePlane`` and
-``vtkMRMLSliceLogic.SnapSliceOffsetToIJK`` for "Align views".
+``setNodeReference``, ``setParameter``/``parameter``); ``vtkMRMLSliceNode.UpdateMatrices`` for
+"Align views".
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ PROMPT_ROLE_ATTRIBUTE = "UltraSam.PromptRole"  # marks the effect's own click-pr
 DRAG_PIXELS = 4  # a press-release that moves further is a box, not a click
 POLL_MS = 50
 USER_ERRORS = (ValueError, FileNotFoundError, IndexError)  # shown in the panel, not as a traceback
+DIRECTIONS = ("both", "forward", "backward")  # the "Direction" parameter
+APPLY_MODES = ("add", "replace")  # the "ApplyMode" parameter, in the order of the Apply combo box
 MARKUPS_KEYS = ("BackSpace", "Delete")  # Markups deletes the hovered point with these (vtkSlicerMarkupsWidget)
 
 
@@ -53,6 +55,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         # Tests replace this to run without a model: volume -> SegmentationSession.
         self.sessionFactory = None
         self.sessionSettings = None  # model settings the current session was loaded with
+        self.generation = 0  # counts sessions: a job's result is used only in the session that queued it
         self.worker = None
         self.session = None
         self.volume = None
@@ -117,7 +120,7 @@ point deletes it. A points node selected below adds more positive points.</li>
         self.scriptedEffect.addOptionsWidget(promptRow)
 
         self.directionCombo = qt.QComboBox()
-        self.directionCombo.addItems(["both", "forward", "backward"])
+        self.directionCombo.addItems(list(DIRECTIONS))
         self.scriptedEffect.addLabeledOptionsWidget("Direction:", self.directionCombo)
         rangeRow = qt.QHBoxLayout()
         self.rangeCheck = qt.QCheckBox("slices")
@@ -130,7 +133,6 @@ point deletes it. A points node selected below adds more positive points.</li>
         self.minIouSpin = qt.QDoubleSpinBox()
         self.minIouSpin.setRange(0.0, 1.5)
         self.minIouSpin.setSingleStep(0.05)
-        self.minIouSpin.value = 0.5
         self.minIouSpin.toolTip = "Propagation stops at the first slice whose predicted IoU is below this."
         self.scriptedEffect.addLabeledOptionsWidget("Stop below IoU:", self.minIouSpin)
 
@@ -153,6 +155,11 @@ point deletes it. A points node selected below adds more positive points.</li>
         finishRow.addWidget(self.applyButton)
         self.scriptedEffect.addOptionsWidget(finishRow)
 
+        for widget, signal in ((self.directionCombo, "currentIndexChanged(int)"), (self.rangeCheck, "toggled(bool)"),
+                               (self.firstSpin, "valueChanged(int)"), (self.lastSpin, "valueChanged(int)"),
+                               (self.minIouSpin, "valueChanged(double)"),
+                               (self.applyModeCombo, "currentIndexChanged(int)")):
+            widget.connect(signal, self.updateMRMLFromGUI)
         self.roiSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onPromptNodesChanged)
         self.pointsSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onPromptNodesChanged)
         self.clearButton.connect("clicked()", self.clearPrompts)
@@ -176,14 +183,43 @@ point deletes it. A points node selected below adds more positive points.</li>
     def createCursor(self, widget):
         return slicer.util.mainWindow().cursor
 
+    def optionWidgets(self):
+        return (self.directionCombo, self.rangeCheck, self.firstSpin, self.lastSpin, self.minIouSpin,
+                self.applyModeCombo)
+
     def setMRMLDefaults(self):
-        pass
+        # Options live in the segment editor node (attributes "UltraSam.<name>"): they are saved with
+        # the scene and survive switching effects.
+        effect = self.scriptedEffect
+        effect.setParameterDefault("Direction", DIRECTIONS[0])
+        effect.setParameterDefault("LimitSlices", 0)
+        effect.setParameterDefault("FirstSlice", 0)
+        effect.setParameterDefault("LastSlice", 0)
+        effect.setParameterDefault("MinIoU", 0.5)
+        effect.setParameterDefault("ApplyMode", APPLY_MODES[0])
 
     def updateGUIFromMRML(self):
+        if hasattr(self, "directionCombo"):
+            effect = self.scriptedEffect
+            blocked = [widget.blockSignals(True) for widget in self.optionWidgets()]
+            self.directionCombo.currentIndex = DIRECTIONS.index(effect.parameter("Direction"))
+            self.rangeCheck.checked = effect.integerParameter("LimitSlices") != 0
+            self.firstSpin.value = effect.integerParameter("FirstSlice")
+            self.lastSpin.value = effect.integerParameter("LastSlice")
+            self.minIouSpin.value = effect.doubleParameter("MinIoU")
+            self.applyModeCombo.currentIndex = APPLY_MODES.index(effect.parameter("ApplyMode"))
+            for widget, wasBlocked in zip(self.optionWidgets(), blocked):
+                widget.blockSignals(wasBlocked)
         self.updateButtons()
 
-    def updateMRMLFromGUI(self):
-        pass
+    def updateMRMLFromGUI(self, *unused):
+        effect = self.scriptedEffect
+        effect.setParameter("Direction", DIRECTIONS[self.directionCombo.currentIndex])
+        effect.setParameter("LimitSlices", int(self.rangeCheck.checked))
+        effect.setParameter("FirstSlice", self.firstSpin.value)
+        effect.setParameter("LastSlice", self.lastSpin.value)
+        effect.setParameter("MinIoU", self.minIouSpin.value)
+        effect.setParameter("ApplyMode", APPLY_MODES[self.applyModeCombo.currentIndex])
 
     def interactionNodeModified(self, interactionNode):
         # Stay active while the user places markups prompts: the C++ base class deactivates the
@@ -198,12 +234,7 @@ point deletes it. A points node selected below adds more positive points.</li>
         self.buildSession()
 
     def deactivate(self):
-        self.pollTimer.stop()
-        self.runTimer.stop()
-        if self.worker is not None:
-            self.worker.shutdown()
-            self.worker = None
-        self.unobservePromptNodes()
+        self.stopWork()
         for viewWidget, (actor, _) in self.rubberBands.items():
             self.scriptedEffect.removeActor2D(viewWidget, actor)
         self.rubberBands = {}
@@ -211,8 +242,19 @@ point deletes it. A points node selected below adds more positive points.</li>
         self.session = None
 
     def cleanup(self):
+        """The effect is destroyed (Slicer closes): nothing of it may keep running or observing."""
+        self.stopWork()
         self.pollTimer.disconnect("timeout()", self.onPoll)
         self.runTimer.disconnect("timeout()", self.runPrompts)
+
+    def stopWork(self):
+        """Stop the timers, ask a running job to stop (never waiting for it), stop observing prompts."""
+        self.pollTimer.stop()
+        self.runTimer.stop()
+        if self.worker is not None:
+            self.worker.shutdown()
+            self.worker = None
+        self.unobservePromptNodes()
 
     def sourceVolumeNodeChanged(self):
         if self.worker is not None:
@@ -224,6 +266,7 @@ point deletes it. A points node selected below adds more positive points.</li>
 
     def buildSession(self):
         """Read the source image (in the segmentation's grid) and load the model on the worker."""
+        self.generation += 1  # whatever is queued or running now belongs to the previous session
         self.session, self.result, self.propagated = None, None, False
         self.embeddedAxes = set()  # axes whose slices are all embedded already
         self.discardPreview()
@@ -251,7 +294,7 @@ point deletes it. A points node selected below adds more positive points.</li>
 
                 return SegmentationSession(volume, shared_manager().cache(chosen))
 
-        self.worker.request(Job("load", lambda job: factory(volume)))
+        self.submit("load", lambda job: factory(volume))
         self.setStatus("Loading UltraSam...")
 
     # ---- prompts --------------------------------------------------------------------------------
@@ -273,8 +316,9 @@ point deletes it. A points node selected below adds more positive points.</li>
     def promptNodes(self):
         nodes = [node for node in slicer.util.getNodesByClass("vtkMRMLMarkupsFiducialNode")
                  if node.GetAttribute(PROMPT_ROLE_ATTRIBUTE)]
+        own = {node.GetID() for node in nodes}
         extra = [self.pointsSelector.currentNode(), self.roiSelector.currentNode()]
-        return nodes + [node for node in extra if node is not None]
+        return nodes + [node for node in extra if node is not None and node.GetID() not in own]
 
     def observePromptNodes(self):
         """Re-run whenever a prompt node's points are placed, moved or removed."""
@@ -376,17 +420,22 @@ point deletes it. A points node selected below adds more positive points.</li>
         self.discardPreview()
 
     def alignViews(self):
-        sourceNode = self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
+        """Turn every slice view to the nearest voxel plane of the grid clicks are checked against.
+
+        That grid is the segmentation's (the source image the editor hands over is resampled to
+        it), which may differ from the source volume's own: vtkMRMLSliceNode::RotateToVolumePlane
+        would align to the latter.
+        """
         layoutManager = slicer.app.layoutManager()
-        if sourceNode is None or layoutManager is None:
+        if self.volume is None or layoutManager is None:
             return
         for name in layoutManager.sliceViewNames():
-            sliceWidget = layoutManager.sliceWidget(name)
-            # vtkMRMLSliceNode::RotateToVolumePlane (closest volume axis), then put the plane on
-            # voxel centres: vtkMRMLSliceLogic::SnapSliceOffsetToIJK.
-            sliceWidget.mrmlSliceNode().RotateToVolumePlane(sourceNode)
-            sliceWidget.sliceLogic().SnapSliceOffsetToIJK()
-        self.setStatus("Slice views aligned with the source volume.")
+            sliceNode = layoutManager.sliceWidget(name).mrmlSliceNode()
+            sliceToRas = mrml_bridge.matrix_to_numpy(sliceNode.GetSliceToRAS())
+            aligned = mrml_bridge.aligned_slice_to_ras(sliceToRas, self.volume)
+            sliceNode.GetSliceToRAS().DeepCopy(mrml_bridge.numpy_to_matrix(aligned))
+            sliceNode.UpdateMatrices()
+        self.setStatus("Slice views aligned with the segmentation's voxel grid.")
 
     # ---- view interaction -----------------------------------------------------------------------
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
@@ -478,9 +527,10 @@ point deletes it. A points node selected below adds more positive points.</li>
     def span(self):
         from UltraSamSlicerLib.session import Span
 
-        limited = self.rangeCheck.checked
-        return Span(self.directionCombo.currentText,
-                    self.firstSpin.value if limited else None, self.lastSpin.value if limited else None)
+        effect = self.scriptedEffect
+        limited = effect.integerParameter("LimitSlices") != 0
+        return Span(effect.parameter("Direction"), effect.integerParameter("FirstSlice") if limited else None,
+                    effect.integerParameter("LastSlice") if limited else None)
 
     def runPrompts(self, propagate=None):
         """Start (or queue, replacing a queued one) a run of the session on the current prompts."""
@@ -501,7 +551,7 @@ point deletes it. A points node selected below adds more positive points.</li>
             return
         propagate = self.propagated if propagate is None else propagate
         session, axis, span = self.session, self.axis, self.span()
-        rules = StopRules(min_iou=self.minIouSpin.value)
+        rules = StopRules(min_iou=self.scriptedEffect.doubleParameter("MinIoU"))
 
         def run(job):
             session.set_rules(rules)
@@ -509,8 +559,12 @@ point deletes it. A points node selected below adds more positive points.</li>
             return session.run(prompts, propagate, span, job.cancel.is_set,
                                lambda done, total: setattr(job, "progress", (done, total)))
 
-        self.worker.request(Job("propagate" if propagate else "preview", run))
+        self.submit("propagate" if propagate else "preview", run)
         self.updateButtons()
+
+    def submit(self, name, function, background=False):
+        """Run ``function(job)`` on the worker, tagged with the current session's generation."""
+        self.worker.request(Job(name, function, background=background, generation=self.generation))
 
     def onPropagate(self):
         if self.session is None:
@@ -534,7 +588,9 @@ point deletes it. A points node selected below adds more positive points.</li>
         if finished is None:
             return
         job, result, error = finished
-        if error is not None:
+        if job.generation != self.generation:
+            pass  # queued before the model or volume changed: nothing of it reaches this session
+        elif error is not None:
             self.reportError(job, error)
         elif job.name == "load":
             self.session = result
@@ -561,7 +617,7 @@ point deletes it. A points node selected below adds more positive points.</li>
             done = session.embed_all(job.cancel.is_set, lambda done, total: setattr(job, "progress", (done, total)))
             return axis if done else None
 
-        self.worker.request(Job("embed", embed, background=True))
+        self.submit("embed", embed, background=True)
 
     def reportError(self, job, error):
         from ultrasam.propagation import PropagationCancelled
@@ -614,7 +670,8 @@ point deletes it. A points node selected below adds more positive points.</li>
             self.setStatus("Wait for the running computation to finish, or cancel it, before applying.")
             return
         modes = slicer.qSlicerSegmentEditorAbstractEffect
-        mode = (modes.ModificationModeAdd, modes.ModificationModeSet)[self.applyModeCombo.currentIndex]
+        mode = (modes.ModificationModeAdd, modes.ModificationModeSet)[
+            APPLY_MODES.index(self.scriptedEffect.parameter("ApplyMode"))]
         modifier = self.scriptedEffect.defaultModifierLabelmap()
         segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
         painted = mrml_bridge.paint_labelmap(modifier, self.result.mask,
