@@ -75,3 +75,23 @@ def test_scene_segmentations_export_as_instances(module, tmp_path, monkeypatch):
     assert sorted(a["area"] for a in coco["annotations"]) == [24, 25, 40]
     stats = module.UltraSamTrainingLogic.dataStatistics([str(folder)])
     assert stats.splitlines()[-1] == "Total: 2 images, 3 objects"
+
+
+def test_the_training_plot_comes_back_after_file_close_scene(module, monkeypatch):
+    scene = slicer.vtkMRMLScene()
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    shown = []
+    plots = types.SimpleNamespace(logic=lambda: types.SimpleNamespace(ShowChartInLayout=shown.append))
+    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(plots=plots), raising=False)
+    widget = module.UltraSamTrainingWidget.__new__(module.UltraSamTrainingWidget)  # no Qt setup needed
+    widget.chart = None
+    progress = types.SimpleNamespace(loss=[(1, 0.9), (2, 0.5), (3, 0.4)], dice=[(3, 0.7)])
+    widget._plot(progress)
+    scene.Clear(0)  # File > Close Scene removes every node, the plot's included
+    widget._plot(progress)
+    charts = [scene.GetNthNodeByClass(n, "vtkMRMLPlotChartNode")
+              for n in range(scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode"))]
+    assert len(charts) == 1 and shown[-1] is charts[0]
+    assert charts[0].GetNumberOfPlotSeriesNodes() == 2
+    rows = {name: table.GetTable().GetNumberOfRows() for name, table in widget.tables.items()}
+    assert rows == {"loss": 3, "val Dice": 1} and all(scene.IsNodePresent(t) for t in widget.tables.values())

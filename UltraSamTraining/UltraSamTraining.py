@@ -361,12 +361,13 @@ class UltraSamTrainingWidget(ScriptedLoadableModuleWidget):
             self.logText.verticalScrollBar().value = self.logText.verticalScrollBar().maximum
 
     def _plot(self, progress):
-        """Loss and validation Dice against step in a Slicer plot view (nodes reused across polls)."""
+        """Loss and validation Dice against step in a Slicer plot view (nodes reused across polls,
+        made again when File > Close Scene removed them)."""
         import numpy as np
 
         if not progress.loss:
             return
-        if self.chart is None:
+        if self.chart is None or not slicer.mrmlScene.IsNodePresent(self.chart):
             self.chart = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotChartNode", "UltraSam training")
             self.chart.SetXAxisTitle("step")
             self.tables = {}
