@@ -82,7 +82,14 @@ class StubAdaptor:
     # Effect parameters: attributes "<effect name>.<parameter>" of the segment editor node, as in
     # qSlicerSegmentEditorAbstractEffect.cxx (setParameter, parameter, setParameterDefault; 5.8.1).
     def setParameter(self, name, value):
-        self.editorNode.SetAttribute(f"{self.name}.{name}", str(value))
+        attribute = f"{self.name}.{name}"
+        if self.editorNode.GetAttribute(attribute) == str(value):
+            return
+        modified = self.editorNode.GetDisableModifiedEvent()
+        self.editorNode.SetDisableModifiedEvent(1)
+        self.editorNode.SetAttribute(attribute, str(value))
+        self.editorNode.SetDisableModifiedEvent(modified)
+        self.editorNode.InvokeCustomModifiedEvent(slicer.vtkMRMLSegmentEditorNode.EffectParameterModified)
 
     def parameterDefined(self, name):
         return self.editorNode.GetAttribute(f"{self.name}.{name}") is not None
@@ -188,7 +195,9 @@ def effect(scene):
     for name in ("directionCombo", "rangeCheck", "firstSpin", "lastSpin", "minIouSpin", "applyModeCombo"):
         setattr(effect, name, types.SimpleNamespace(blockSignals=lambda blocked: False))
     effect.pointsSelector = effect.roiSelector = types.SimpleNamespace(currentNode=lambda: None)
-    effect.setMRMLDefaults()  # what the editor does when it gets its parameter node
+    effect.setMRMLDefaults()  # what the editor does when it gets its parameter node, and it then
+    editorNode.AddObserver(slicer.vtkMRMLSegmentEditorNode.EffectParameterModified,  # calls this on each change
+                           lambda caller, event: effect.updateGUIFromMRML())
     effect.updateGUIFromMRML()
     effect.sessionFactory = lambda volume: SegmentationSession(volume, None, slice_predictor=ThresholdModel)
     effect.activate()

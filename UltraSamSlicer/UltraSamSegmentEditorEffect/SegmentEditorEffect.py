@@ -1,7 +1,7 @@
 """The UltraSam Segment Editor effect: prompts in slice views -> live preview -> propagate -> apply.
 
 A thin Qt layer. Clicks, drags and markups become world-RAS prompts (:mod:`mrml_bridge`); the
-Qt-free :class:`UltraSamSlicerLib.session.SegmentationSession` turns them into a (K, J, I) mask on
+Qt-free :class:`~UltraSamSlicerLib.session.SegmentationSession` turns them into a (K, J, I) mask on
 the one inference thread (:mod:`worker`); a ``QTimer`` on the main thread collects results and does
 all MRML work. The result is shown in a separate preview segmentation and reaches the edited
 segment only through ``modifySelectedSegmentByLabelmap``, after one ``saveStateForUndo``, so
@@ -214,12 +214,15 @@ point deletes it. A points node selected below adds more positive points.</li>
 
     def updateMRMLFromGUI(self, *unused):
         effect = self.scriptedEffect
-        effect.setParameter("Direction", DIRECTIONS[self.directionCombo.currentIndex])
-        effect.setParameter("LimitSlices", int(self.rangeCheck.checked))
-        effect.setParameter("FirstSlice", self.firstSpin.value)
-        effect.setParameter("LastSlice", self.lastSpin.value)
-        effect.setParameter("MinIoU", self.minIouSpin.value)
-        effect.setParameter("ApplyMode", APPLY_MODES[self.applyModeCombo.currentIndex])
+        # One parameter-modified event at the end: each one calls updateGUIFromMRML, which would
+        # otherwise put back the widgets not written yet.
+        with slicer.util.NodeModify(effect.parameterSetNode()):
+            effect.setParameter("Direction", DIRECTIONS[self.directionCombo.currentIndex])
+            effect.setParameter("LimitSlices", int(self.rangeCheck.checked))
+            effect.setParameter("FirstSlice", self.firstSpin.value)
+            effect.setParameter("LastSlice", self.lastSpin.value)
+            effect.setParameter("MinIoU", self.minIouSpin.value)
+            effect.setParameter("ApplyMode", APPLY_MODES[self.applyModeCombo.currentIndex])
 
     def interactionNodeModified(self, interactionNode):
         # Stay active while the user places markups prompts: the C++ base class deactivates the
