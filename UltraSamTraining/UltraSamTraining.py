@@ -162,6 +162,7 @@ class UltraSamTrainingWidget(ScriptedLoadableModuleWidget):
         self.timer.setInterval(POLL_MS)
         self.timer.connect("timeout()", self.refresh)
         self.chart = None
+        self.sceneObservation = slicer.mrmlScene.AddObserver(slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self._setupData()
         self._setupRun()
         self._setupMonitor()
@@ -387,8 +388,13 @@ class UltraSamTrainingWidget(ScriptedLoadableModuleWidget):
                 steps, values = np.asarray(points, dtype=float).T
                 slicer.util.updateTableFromArray(self.tables[name], [steps, values], columnNames=["step", name])
 
+    def onSceneEndClose(self, caller, event):
+        """File > Close Scene removed the plot's nodes: draw it again, also for a finished run."""
+        self.refresh()
+
     def cleanup(self):
         self.timer.stop()
+        slicer.mrmlScene.RemoveObserver(self.sceneObservation)
 
 
 class UltraSamTrainingTest(ScriptedLoadableModuleTest):
