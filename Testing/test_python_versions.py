@@ -18,7 +18,8 @@ from optional_packages import missing_optional_package
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_FOLDERS = ("UltraSamSlicer", "UltraSamTraining", "Testing", "bench")
-PACKAGES = {"ultrasam": "UltraSamSlicer", "ultrasam_training": "UltraSamTraining", "UltraSamSlicerLib": "UltraSamSlicer"}
+PACKAGES = {"ultrasam": "UltraSamSlicer", "ultrasam_data": "UltraSamSlicer", "ultrasam_training": "UltraSamTraining",
+            "UltraSamSlicerLib": "UltraSamSlicer"}
 QT_MODULES = {"UltraSamSlicerLib.SegmentEditorEffect"}  # Slicer loads it inside its Qt application
 
 
