@@ -13,7 +13,7 @@ from conftest import shared_path
 from ultrasam.checkpoint import save_checkpoint
 from ultrasam.cli import main
 from ultrasam.volume_io import read_volume
-from ultrasam_layout import save_ultrasam_checkpoint
+from ultrasam_layout import mmengine_bookkeeping, save_ultrasam_checkpoint
 
 
 @pytest.fixture
@@ -54,7 +54,9 @@ def test_info(tmp_path, tiny_sam, capsys):
     save_ultrasam_checkpoint(tiny_sam.state_dict(), path)
     assert main(["info", str(path)]) == 0
     output = capsys.readouterr().out
-    assert "ultrasam checkpoint" in output and "iter: 30000" in output and "postprocess: ultrasam" in output
+    meta = mmengine_bookkeeping()["meta"]
+    assert "ultrasam checkpoint" in output and "postprocess: ultrasam" in output
+    assert f"iter: {meta['iter']}" in output and f"mmengine_version: {meta['mmengine_version']}" in output
 
 
 def test_help_has_examples(capsys):

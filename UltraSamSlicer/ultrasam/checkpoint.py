@@ -17,6 +17,7 @@ Layouts recognised:
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -219,7 +220,8 @@ def read_checkpoint_object(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", pickle_module=safe_pickle, weights_only=False)
     except safe_pickle.UnsafePickleError as error:
         raise CheckpointError(f"{path}: refused: {error}. Only load checkpoints from sources you trust") from None
-    except (RuntimeError, EOFError, ValueError, KeyError, OSError, zipfile.BadZipFile) as error:
+    except (RuntimeError, EOFError, ValueError, KeyError, OSError, zipfile.BadZipFile, TypeError, AttributeError,
+            pickle.UnpicklingError) as error:
         raise CheckpointError(
             f"{path}: the checkpoint is damaged or truncated ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else 'no detail'}); download it again"

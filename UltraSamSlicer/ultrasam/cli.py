@@ -165,6 +165,8 @@ def _add_info(commands) -> None:
 def _add_download(commands) -> None:
     parser = commands.add_parser("download", help="download the official UltraSam weights (needs internet)")
     parser.add_argument("--cache-dir", help="folder to keep them in (default: $ULTRASAM_CACHE or ~/.cache/ultrasam)")
+    parser.add_argument("--url", help="where to fetch UltraSam.pth (default: CAMMA's official address; a mirror "
+                        "serving the same file works too, the file is checked by loading it)")
     parser.set_defaults(run=_run_download)
 
 
@@ -220,9 +222,9 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _run_download(args: argparse.Namespace) -> int:
-    from ultrasam.download import download_official_weights
+    from ultrasam.download import OFFICIAL_URL, download_official_weights
 
-    print(download_official_weights(args.cache_dir))
+    print(download_official_weights(args.cache_dir, url=args.url or OFFICIAL_URL))
     return 0
 
 
