@@ -246,9 +246,20 @@ def save_checkpoint(path: str | os.PathLike, model: Sam, meta: Mapping[str, Any]
 
 
 def atomic_torch_save(payload: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` so that a crash leaves the previous file (or none), never half a file."""
-    with atomic_path(path) as temporary:
+    """``torch.save`` so that a crash or a full disk leaves the previous file (or none), never half
+    a file; a failure raises :class:`~ultrasam.atomic.WriteError` naming ``path``."""
+    with atomic_path(path, check=_complete_zip) as temporary:
         torch.save(payload, temporary)
+
+
+def _complete_zip(path: Path) -> None:
+    """Raise unless ``path`` is a whole zip archive (torch's format): its directory is read from
+    the end and every record must lie within the file."""
+    size = path.stat().st_size
+    with zipfile.ZipFile(path) as archive:
+        for record in archive.infolist():
+            if record.header_offset + record.compress_size > size:
+                raise ValueError(f"record {record.filename} runs past the end of the file")
 
 
 def convert_ultrasam_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
