@@ -8,7 +8,9 @@ and dtype, no storage), after these checks against the zip archive itself:
 
 - every record is stored uncompressed (as ``torch.save`` writes it) and lies within the file;
 - every storage a tensor uses exists and holds at least ``numel * itemsize`` bytes;
-- every tensor lies within its storage (no stride trick makes it larger than its bytes).
+- every tensor lies within its storage (no stride trick makes it larger than its bytes);
+- the pickle's opcodes ask for no more memory than the pickle holds (CPython's unpickler sizes its
+  memo by the largest index it is given: one edited ``LONG_BINPUT`` asks for 20 GB).
 
 Only torch's zip format (PyTorch >= 1.6, every published SAM/UltraSam/MedSAM file) is read.
 """
@@ -16,6 +18,7 @@ Only torch's zip format (PyTorch >= 1.6, every published SAM/UltraSam/MedSAM fil
 from __future__ import annotations
 
 import io
+import pickletools
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -57,8 +60,29 @@ def read_meta(path: Path) -> Any:
         if len(pickles) != 1:
             raise DeclaredShapeError(f"expected one data.pkl in the archive, found {len(pickles)}")
         prefix = pickles[0][: -len("data.pkl")]
-        unpickler = _MetaUnpickler(io.BytesIO(archive.read(pickles[0])), records, prefix)
-        return unpickler.load()
+        data = archive.read(pickles[0])
+    check_opcodes(data)
+    return _MetaUnpickler(io.BytesIO(data), records, prefix).load()
+
+
+def check_opcodes(data: bytes) -> None:
+    """Walk the pickle's opcodes without running them; refuse memo indices beyond the entries
+    stored so far and frames longer than the pickle (both make CPython allocate by the number)."""
+    stored = 0
+    try:
+        for opcode, argument, _ in pickletools.genops(data):
+            if opcode.name == "MEMOIZE":
+                stored += 1
+            elif opcode.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                if not 0 <= int(argument) <= stored:
+                    raise DeclaredShapeError(f"the pickle stores memo entry {argument} after {stored} entries")
+                stored += 1
+            elif opcode.name == "FRAME" and argument > len(data):
+                raise DeclaredShapeError(f"a pickle frame of {argument} bytes in a pickle of {len(data)}")
+    except (ValueError, TypeError) as error:
+        if isinstance(error, DeclaredShapeError):
+            raise
+        raise DeclaredShapeError(f"the pickle is malformed ({error})") from None
 
 
 class _MetaUnpickler(safe_pickle.Unpickler):
