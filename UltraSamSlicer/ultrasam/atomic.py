@@ -31,7 +31,7 @@ class WriteError(OSError):
     def __init__(self, path: Path, reason: str) -> None:
         previous = "the previous file is unchanged" if path.exists() else "nothing was written"
         super().__init__(f"{path}: could not be written ({reason}); {previous}")
-        self.filename = str(path)
+        self.path = path  # not OSError.filename: that would change the message
 
 
 @dataclass
