@@ -3,7 +3,7 @@
 Every output of the project (masks, reports, checkpoints, configs) goes through
 :func:`atomic_path` or :func:`atomic_group`: the data goes to a hidden temporary file beside the
 target, is flushed to the disk (``fsync``) and verified (size > 0, plus a format-specific check such
-as reading the file back), and only then renamed over the target. Verification matters because
+as reading the file back, or the size where it is known), and only then renamed over the target. Verification matters because
 some writers report no error on a full disk: SimpleITK's leaves a 0-byte file and returns.
 
 A failed write raises :class:`WriteError`, whose one-line message names the file; the previous
@@ -155,10 +155,10 @@ def _verify(pending: _Pending) -> None:
     try:
         with open(pending.temporary, "rb+") as stream:  # the data is on the disk before the name points to it
             os.fsync(stream.fileno())
-        if pending.temporary.stat().st_size == 0:
-            raise OSError("0 bytes reached the disk; is it full?")
         if pending.check is not None:
             pending.check(pending.temporary)
+        elif pending.temporary.stat().st_size == 0:  # without a check, no writer means to write nothing
+            raise OSError("0 bytes reached the disk; is it full?")
     except Exception as error:
         raise WriteError(pending.target, _reason(error)) from None
 

@@ -1,7 +1,7 @@
 """A run's metrics: one JSON object per line in ``metrics.jsonl``, plus TensorBoard when available.
 
-Every record has ``kind`` ("start", "train", "val", "checkpoint", "done", "error"), ``step`` and
-``time`` (Unix seconds). The launcher and the Slicer module read this file to show progress, so
+Every record has ``kind`` ("skipped", "start", "train", "val", "checkpoint", "done", "error"),
+``step`` and ``time`` (Unix seconds); "skipped" lists the training data left out. The launcher and the Slicer module read this file to show progress, so
 each line is written whole and flushed. TensorBoard events go to ``<run>/tensorboard`` when the
 ``tensorboard`` package is installed (``torch.utils.tensorboard`` needs it); without it the JSONL
 file is the only record.
