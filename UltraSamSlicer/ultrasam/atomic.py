@@ -184,6 +184,6 @@ def _reason(error: BaseException) -> str:
         return f"{os.strerror(error.errno)} [Errno {error.errno}]"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     detail = lines[0] if lines else type(error).__name__
-    if "enforce fail" in detail or "unexpected pos" in detail:  # torch.save's zip writer on a full disk
-        detail = f"the checkpoint writer stopped ({detail}); is the disk full?"
+    if isinstance(error, RuntimeError):  # C++ writers (torch.save: "unexpected pos", "iostream error")
+        detail = f"the writer stopped: {detail}; is the disk full?"
     return detail

@@ -269,6 +269,9 @@ def _existing_torch_file(path: str | os.PathLike) -> Path:
     if _looks_like_legacy_torch(path):
         raise CheckpointError(f"{path}: saved in PyTorch's pre-1.6 format, which cannot be checked before "
                               "loading; load it with torch and save it again with torch.save")
+    if not zipfile.is_zipfile(path) and _starts_as_zip(path):
+        raise CheckpointError(f"{path}: the checkpoint is truncated or damaged ({size} bytes: it starts as torch's "
+                              "zip format but the archive's directory at its end is missing); download it again")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(
             f"{path}: not a PyTorch checkpoint ({size} bytes, not torch's zip format); "
@@ -530,6 +533,11 @@ def _relative_position_sizes(state_dict: Mapping[str, Any], depth: int, embed_di
                                   "SAM's two tables of a block have the same shape")
         sizes.append((shape[0] + 1) // 2)
     return sizes
+
+
+def _starts_as_zip(path: Path) -> bool:
+    with open(path, "rb") as stream:
+        return stream.read(4) == b"PK\x03\x04"
 
 
 def _looks_like_legacy_torch(path: Path) -> bool:

@@ -244,8 +244,13 @@ def _write_verified(image: sitk.Image, path: Path, suffix: str, group: AtomicGro
     expected = sitk.GetArrayFromImage(image)
 
     def same_voxels(written: Path) -> None:
-        if not np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(written))), expected):
-            raise ValueError("the file read back differs from the mask; is the disk full?")
+        try:
+            same = np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(written))), expected)
+        except RuntimeError:
+            same = False
+        if not same:
+            raise ValueError(f"{written.stat().st_size} bytes reached the disk and do not read back as the mask; "
+                             "is the disk full?")
 
     temporary = group.add(path, suffix, check=same_voxels)
     sitk.WriteImage(image, str(temporary), useCompression=suffix != ".png")
