@@ -15,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from test_3d_fakes import micro_sam
 from ultrasam.atomic import WriteError, write_text_atomic
 from ultrasam.checkpoint import save_checkpoint
 from ultrasam.cli import main
@@ -111,8 +112,8 @@ def full_disk(tmp_path, monkeypatch, request):
 
 
 @pytest.fixture
-def checkpoint(tmp_path, tiny_sam):
-    return str(save_checkpoint(tmp_path / "tiny.pth", tiny_sam))
+def checkpoint(tmp_path):
+    return str(save_checkpoint(tmp_path / "micro.pth", micro_sam()))  # the fastest model to load and run
 
 
 def _inputs(folder: Path, suffix: str) -> tuple[Path, list[str]]:

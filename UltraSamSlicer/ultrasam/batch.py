@@ -92,8 +92,7 @@ def segment_volume(
     refuse_blank_key_slices(key_prompts, blank, name)
     cache = cache or VolumeEmbeddingCache(predictor)
     lookahead = predictor.batch_size if predictor.device.type == "cuda" else 1
-    slice_predictor = SkipBlankSlices(VolumeSlicePredictor(slices, cache), slices, blank,
-                                      tuple(predictor.model.prompt_encoder.mask_input_size))
+    slice_predictor = SkipBlankSlices(VolumeSlicePredictor(slices, cache), slices, blank)
     propagator = Propagator(slice_predictor, slices.num_slices, rules, propagate, lookahead)
     result = propagator.run(key_prompts, should_cancel, on_slice, span)
     report = volume_report(slices, result)

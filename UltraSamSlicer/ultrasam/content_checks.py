@@ -54,17 +54,20 @@ class SkipBlankSlices:
     """A :class:`~ultrasam.propagation.SlicePredictor` that answers blank slices with an empty mask
     (predicted IoU 0, so a walk stops there) instead of asking the model."""
 
-    def __init__(self, predictor, slices: VolumeSlices, blank: set[int], low_res_size: tuple[int, int]) -> None:
-        self.predictor, self.slices, self.blank, self.low_res_size = predictor, slices, blank, low_res_size
+    def __init__(self, predictor, slices: VolumeSlices, blank: set[int]) -> None:
+        self.predictor, self.slices, self.blank = predictor, slices, blank
+        self._logits_shape = (1, 1, 256, 256)  # taken from the first real prediction (a key slice's)
 
     def prefetch(self, indices) -> None:
         self.predictor.prefetch([i for i in indices if i not in self.blank])
 
     def predict(self, index: int, prompt: Prompt2D, mask_input: Optional[torch.Tensor] = None) -> Prediction:
         if index not in self.blank:
-            return self.predictor.predict(index, prompt, mask_input)
+            prediction = self.predictor.predict(index, prompt, mask_input)
+            self._logits_shape = tuple(prediction.low_res_logits.shape)
+            return prediction
         return Prediction(np.zeros(self.slices.image_shape, dtype=bool), 0.0,
-                          torch.full((1, 1, *self.low_res_size), -20.0))  # the logits of "nothing here"
+                          torch.full(self._logits_shape, -20.0))  # the logits of "nothing here"
 
 
 def refuse_blank_key_slices(keys: Iterable[int], blank: set[int], name: str) -> None:
