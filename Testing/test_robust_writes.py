@@ -195,6 +195,20 @@ def test_full_disk_for_text_names_the_file(full_disk):
     assert target.read_text() == "old" and full_disk.files() == {"metrics.json"}
 
 
+def test_full_disk_while_logging_metrics_names_the_file(full_disk):
+    from ultrasam_training.runlog import RunLog, read_records
+
+    if not full_disk.real:
+        pytest.skip("appends are only failed by a real full disk")
+    log = RunLog(full_disk.folder, tensorboard=False)
+    log.write("start", 0, steps=1)
+    full_disk.fill()
+    with pytest.raises(WriteError, match=rf"^{full_disk.folder / 'metrics.jsonl'}: could not be written \(No space"):
+        for step in range(10000):  # the stream's buffer first, then the disk
+            log.write("train", step, total=1.0)
+    assert read_records(log.path)[0]["kind"] == "start"
+
+
 @pytest.fixture
 def umask_027():
     previous = os.umask(0o027)

@@ -28,10 +28,15 @@ Check = Callable[[Path], None]
 class WriteError(OSError):
     """A file could not be written completely; the previous file (if any) is unchanged."""
 
-    def __init__(self, path: Path, reason: str) -> None:
-        previous = "the previous file is unchanged" if path.exists() else "nothing was written"
-        super().__init__(f"{path}: could not be written ({reason}); {previous}")
+    def __init__(self, path: Path, reason: str, outcome: Optional[str] = None) -> None:
+        outcome = outcome or ("the previous file is unchanged" if path.exists() else "nothing was written")
+        super().__init__(f"{path}: could not be written ({reason}); {outcome}")
         self.path = path  # not OSError.filename: that would change the message
+
+    @classmethod
+    def of(cls, path: str | os.PathLike, error: BaseException, outcome: Optional[str] = None) -> "WriteError":
+        """The WriteError for ``error`` (e.g. ``[Errno 28]``, which names no file) met writing ``path``."""
+        return cls(Path(path), _reason(error), outcome)
 
 
 @dataclass
@@ -58,7 +63,7 @@ class AtomicGroup:
             target.parent.mkdir(parents=True, exist_ok=True)
             handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
         except OSError as error:
-            raise WriteError(target, _reason(error)) from None
+            raise WriteError.of(target, error) from None
         os.close(handle)
         self._pending.append(_Pending(target, Path(temporary), check))
         return Path(temporary)
@@ -98,7 +103,7 @@ def atomic_group() -> Iterator[AtomicGroup]:
         group.discard()
         if group.current is None:
             raise
-        raise WriteError(group.current, _reason(error)) from None
+        raise WriteError.of(group.current, error) from None
     except BaseException:
         group.discard()
         raise
@@ -160,7 +165,7 @@ def _verify(pending: _Pending) -> None:
         elif pending.temporary.stat().st_size == 0:  # without a check, no writer means to write nothing
             raise OSError("0 bytes reached the disk; is it full?")
     except Exception as error:
-        raise WriteError(pending.target, _reason(error)) from None
+        raise WriteError.of(pending.target, error) from None
 
 
 def _give_mode(temporary: Path, target: Path) -> None:
