@@ -14,7 +14,7 @@ import sys
 from collections import Counter
 from typing import Any, Sequence
 
-from ultrasam_training.coco import CocoDataset, Problem
+from ultrasam_data.coco import CocoDataset, Problem
 
 EXAMPLES = 3  # items named per kind on screen
 

@@ -2,9 +2,9 @@
 
 Reports missing or unreadable image files, images whose size differs from their COCO record,
 masks that are corrupt, empty, outside the image or of another size, annotations of unknown
-images and images left without any object. Every bad item is listed; the command exits 1 when there is any
-(training refuses the same data unless ``data.skip_bad_samples``), 0 when all is usable. The
-report lists the usable indices, and ``dataset.subset(report.good)`` trains on them.
+images and images left without any object. Every bad item is listed; the command exits 1 when
+there is any (training refuses the same data unless ``data.skip_bad_samples``), 0 when all is
+usable. The report lists the usable indices, and ``dataset.subset(report.good)`` trains on them.
 
 Command line (``ultrasam check-data`` wraps it)::
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from ultrasam_training.coco import CocoDataset, DataError, Problem, read_sample
+from ultrasam_data.coco import CocoDataset, DataError, Problem, read_sample
 
 
 @dataclass
@@ -80,8 +80,11 @@ def check_dataset(dataset: CocoDataset, progress: bool = True) -> CheckReport:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print the check report of COCO files / US-43d folders; exit 1 when anything is missing,
-    unreadable or unusable, 2 when the sources themselves do not exist."""
+    """Report missing files and bad masks in COCO data sets; exit 1 when anything is wrong.
+
+    Exit status 0 when every item is usable, 1 when anything is missing, unreadable or unusable,
+    2 when the sources themselves do not exist.
+    """
     parser = argparse.ArgumentParser(
         prog="ultrasam check-data",
         description="Check training data (US-43d COCO layout): missing files, bad or empty masks, "
