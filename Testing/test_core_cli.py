@@ -9,9 +9,9 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from conftest import shared_path
 from ultrasam.checkpoint import save_checkpoint
 from ultrasam.cli import main
+from ultrasam.resources import SAMPLE_VOLUME
 from ultrasam.volume_io import read_volume
 from ultrasam_layout import mmengine_bookkeeping, save_ultrasam_checkpoint
 
@@ -35,7 +35,7 @@ def test_segment_2d_png(tmp_path, checkpoint):
 def test_ras_point_segments_the_hand_computed_slice(tmp_path, checkpoint):
     """A RAS click on the oblique RESECT volume lands on the slice SimpleITK computes for it, and the
     written mask has the input's geometry."""
-    source = shared_path("resect3d", "Case3.nii.gz")
+    source = SAMPLE_VOLUME
     image = sitk.ReadImage(str(source))
     ijk = (100.0, 140.0, 77.0)
     lps = image.TransformContinuousIndexToPhysicalPoint(ijk)

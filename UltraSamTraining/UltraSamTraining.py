@@ -344,6 +344,8 @@ class UltraSamTrainingWidget(ScriptedLoadableModuleWidget):
             parts.append(f"{progress.images_per_s:.1f} images/s")
         if progress.eta_s:
             parts.append(f"about {progress.eta_s / 60:.0f} min left")
+        if progress.skipped:
+            parts.append(progress.skipped)
         if progress.message:
             parts.append(progress.message)
         if not running and progress.state == "running":
@@ -409,7 +411,9 @@ class UltraSamTrainingTest(ScriptedLoadableModuleTest):
         import tempfile
 
         folder = Path(tempfile.mkdtemp())
-        records = [{"kind": "start", "step": 0, "time": 0.0, "steps": 4},
+        records = [{"kind": "skipped", "step": 0, "time": 0.0, "count": 1, "kinds": {"missing file": 1},
+                    "items": [{"kind": "missing file", "where": "data image a.png", "detail": "a.png does not exist"}]},
+                   {"kind": "start", "step": 0, "time": 0.0, "steps": 4},
                    *[{"kind": "train", "step": s, "time": float(s), "total": 1.0 / s} for s in range(1, 5)],
                    {"kind": "val", "step": 4, "time": 5.0, "dice": 0.5},
                    {"kind": "done", "step": 4, "time": 6.0, "model": str(folder / "model.pth")}]
@@ -419,5 +423,6 @@ class UltraSamTrainingTest(ScriptedLoadableModuleTest):
         widget.refresh()
         self.assertEqual(widget.progressBar.value, 100)
         self.assertEqual(widget.tables["loss"].GetTable().GetNumberOfRows(), 4)
+        self.assertIn("1 data items skipped (missing file 1", widget.statusLabel.text)
         self.assertIn("val Dice 0.500", widget.statusLabel.text)
         self.delayDisplay("UltraSamTraining monitor test passed")
