@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ultrasam_training.check import check_dataset, main
-from ultrasam_training.coco import CocoDataset, DataError
+from ultrasam_data.check import check_dataset, main
+from ultrasam_data.coco import CocoDataset, DataError
 
 SQUARE = [[2, 2, 8, 2, 8, 8, 2, 8]]
 
@@ -65,6 +66,8 @@ def test_training_on_the_checked_subset_never_meets_a_bad_sample(broken):
 
 
 def test_check_command_prints_the_report(broken, capsys):
-    assert main([str(broken / "data__coco.json")]) == 0
+    assert main([str(broken / "data__coco.json")]) == 1  # usable images, but missing and unreadable ones too
     assert "Usable: 1 images, 2 objects (data: 1)." in capsys.readouterr().out
     assert main([str(broken / "nowhere.json")]) == 2
+    clean = Path(__file__).resolve().parent / "fixtures" / "regression" / "HC" / "annotations" / "HC__coco.json"
+    assert main([str(clean)]) == 0 and "No problems found." in capsys.readouterr().out

