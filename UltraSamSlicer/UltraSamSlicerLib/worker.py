@@ -31,6 +31,8 @@ class Job:
         cancel: set by the main thread to ask the job to stop at its next check.
         progress: (done, total) written by the worker; plain tuple assignment, read any time.
         background: the job only prepares ahead of time and yields to any :meth:`request`.
+        generation: the caller's session count when it queued the job, so that a result arriving
+            after the session changed (another model or volume) can be recognised and dropped.
     """
 
     name: str
@@ -38,6 +40,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     progress: tuple[int, int] = (0, 0)
     background: bool = False
+    generation: int = 0
     future: Future | None = None
 
 

@@ -47,6 +47,9 @@ class DataConfig:
     ``val_fraction`` of each training data set is held out for validation, by whole
     patient/volume groups (``split_by = "group"``, no slice of a validation volume is trained on)
     or by image (``"image"``, UltraSam's random 95/5 split, which leaks neighbouring slices).
+    ``skip_bad_samples``: with false (the default) training refuses to start when the data has
+    unusable annotation files, annotations or images, and lists them; with true it trains on the
+    rest and records every skipped item (:mod:`ultrasam_training.skipped`).
     """
 
     train: list[str] = field(default_factory=list)
@@ -56,6 +59,7 @@ class DataConfig:
     image_root: str = ""
     max_objects: int = 20
     flip: bool = True
+    skip_bad_samples: bool = False
 
 
 @dataclass
@@ -67,6 +71,11 @@ class ModelConfig:
       USF-MAE ``state_dict`` in ``checkpoint``.
     - ``init = "scratch"``: random weights.
 
+    ``checkpoint`` may also name a model the CLI knows ("litemedsam"). ``frozen_encoder`` trains
+    only the prompt encoder and mask decoder, on image embeddings computed once per image (and
+    flip) and kept in ``embedding_cache`` (default: ``<output_dir>/embeddings``): see
+    :mod:`ultrasam_training.embedding_cache`.
+
     ``scratch`` overrides fields of ``ultrasam.checkpoint.SamConfig`` (SAM ViT-B when empty) for
     the last two, e.g. ``{"image_size": 256, "encoder_depth": 2}`` for a tiny test model.
     """
@@ -74,6 +83,8 @@ class ModelConfig:
     init: str = "checkpoint"
     checkpoint: str = ""
     scratch: dict = field(default_factory=dict)
+    frozen_encoder: bool = False
+    embedding_cache: str = ""
 
     def sam_config(self) -> Any:
         """The ``SamConfig`` a fresh model is built with; ConfigError names a bad field."""

@@ -4,7 +4,8 @@ Run in Slicer: ``Slicer --no-splash --testing --python-script UltraSamSlicerEffe
 registers it as ``py_UltraSamSlicerEffectTest``). Needs no model and no network: the effect's
 session gets a stand-in model that thresholds the slice it is given, so the expected voxels are
 those of a bright ball in the test volume. Checks the preview, Apply as one undo step, undo/redo,
-and Discard.
+and Discard (skipped without torch while the engine runs in Slicer's process); and, without torch,
+that the effect keeps its options in the editor's node and leaves hovered markups to Markups.
 """
 
 import time
@@ -28,7 +29,21 @@ class UltraSamSlicerEffectTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
+        self.test_options_and_hovered_markups_need_no_torch()
+        self.setUp()
         self.test_preview_apply_undo_redo()
+
+    def test_options_and_hovered_markups_need_no_torch(self):
+        _, _, editor = self.makeScene()
+        effect = editor.effectByName("UltraSam").self()
+        # The editor ran the effect's setMRMLDefaults when it got its node (qMRMLSegmentEditorWidget).
+        self.assertEqual(editor.mrmlSegmentEditorNode().GetAttribute("UltraSam.Direction"), "both")
+        points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+        points.AddControlPoint(0.0, 0.0, 0.0)
+        points.CreateDefaultDisplayNodes()
+        self.assertFalse(effect.markupsHovered())
+        points.GetDisplayNode().SetActiveControlPoint(0)  # what the markups widget does on hover
+        self.assertTrue(effect.markupsHovered())
 
     def test_preview_apply_undo_redo(self):
         try:

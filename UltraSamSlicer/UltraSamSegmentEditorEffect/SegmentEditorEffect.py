@@ -11,8 +11,8 @@ Slicer APIs used here (all in Slicer 5.8): ``AbstractScriptedSegmentEditorEffect
 ``qSlicerSegmentEditorAbstractEffect`` methods declared in qSlicerSegmentEditorAbstractEffect.h
 (``sourceVolumeImageData``, ``defaultModifierLabelmap``, ``modifySelectedSegmentByLabelmap``,
 ``saveStateForUndo``, ``confirmCurrentSegmentVisible``, ``addActor2D``, ``scheduleRender``,
-``setNodeReference``); ``vtkMRMLSliceNode.RotateToVolumePlane`` and
-``vtkMRMLSliceLogic.SnapSliceOffsetToIJK`` for "Align views".
+``setNodeReference``, ``setParameter``/``parameter``); ``vtkMRMLSliceNode.UpdateMatrices`` for
+"Align views".
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import slicer
 import vtk
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
-from UltraSamSlicerLib import mrml_bridge
+# Only absolute imports of the helpers' package: Slicer loads this file as the module
+# "UltraSamSegmentEditorEffect" (its folder's name), never as part of a package.
+from UltraSamSlicerLib import model_settings, mrml_bridge
 from UltraSamSlicerLib.models import missing_requirements, shared_manager
 from UltraSamSlicerLib.worker import InferenceWorker, Job
 
@@ -36,6 +38,9 @@ PROMPT_ROLE_ATTRIBUTE = "UltraSam.PromptRole"  # marks the effect's own click-pr
 DRAG_PIXELS = 4  # a press-release that moves further is a box, not a click
 POLL_MS = 50
 USER_ERRORS = (ValueError, FileNotFoundError, IndexError)  # shown in the panel, not as a traceback
+DIRECTIONS = ("both", "forward", "backward")  # the "Direction" parameter
+APPLY_MODES = ("add", "replace")  # the "ApplyMode" parameter, in the order of the Apply combo box
+MARKUPS_KEYS = ("BackSpace", "Delete")  # Markups deletes the hovered point with these (vtkSlicerMarkupsWidget)
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -50,6 +55,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         # Tests replace this to run without a model: volume -> SegmentationSession.
         self.sessionFactory = None
         self.sessionSettings = None  # model settings the current session was loaded with
+        self.generation = 0  # counts sessions: a job's result is used only in the session that queued it
         self.worker = None
         self.session = None
         self.volume = None
@@ -86,8 +92,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 <li><b>Click</b> in a slice view: positive point. <b>Ctrl+click</b>: negative point (UltraSam was
 trained without negative points: they may change little).</li>
 <li><b>Drag</b>: box on that slice. A <b>markups ROI</b> selected below: a box on every slice it crosses.</li>
-<li>Markups points can be moved; a points node selected below adds more positive points.</li>
-<li><b>p</b>: propagate through the volume. <b>Backspace</b>: remove the last click or box.
+<li>Markups points and ROI handles can be dragged (press on them); <b>Backspace</b> or <b>Delete</b> over a
+point deletes it. A points node selected below adds more positive points.</li>
+<li><b>p</b>: propagate through the volume. <b>Backspace</b> elsewhere: remove the last click or box.
 <b>Enter</b>: apply the preview to the selected segment (undo with Ctrl+Z).</li>
 <li>Views must show the volume's own slices; use <b>Align views</b> for oblique volumes.</li>
 </ul></html>"""
@@ -113,7 +120,7 @@ trained without negative points: they may change little).</li>
         self.scriptedEffect.addOptionsWidget(promptRow)
 
         self.directionCombo = qt.QComboBox()
-        self.directionCombo.addItems(["both", "forward", "backward"])
+        self.directionCombo.addItems(list(DIRECTIONS))
         self.scriptedEffect.addLabeledOptionsWidget("Direction:", self.directionCombo)
         rangeRow = qt.QHBoxLayout()
         self.rangeCheck = qt.QCheckBox("slices")
@@ -126,7 +133,6 @@ trained without negative points: they may change little).</li>
         self.minIouSpin = qt.QDoubleSpinBox()
         self.minIouSpin.setRange(0.0, 1.5)
         self.minIouSpin.setSingleStep(0.05)
-        self.minIouSpin.value = 0.5
         self.minIouSpin.toolTip = "Propagation stops at the first slice whose predicted IoU is below this."
         self.scriptedEffect.addLabeledOptionsWidget("Stop below IoU:", self.minIouSpin)
 
@@ -149,6 +155,11 @@ trained without negative points: they may change little).</li>
         finishRow.addWidget(self.applyButton)
         self.scriptedEffect.addOptionsWidget(finishRow)
 
+        for widget, signal in ((self.directionCombo, "currentIndexChanged(int)"), (self.rangeCheck, "toggled(bool)"),
+                               (self.firstSpin, "valueChanged(int)"), (self.lastSpin, "valueChanged(int)"),
+                               (self.minIouSpin, "valueChanged(double)"),
+                               (self.applyModeCombo, "currentIndexChanged(int)")):
+            widget.connect(signal, self.updateMRMLFromGUI)
         self.roiSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onPromptNodesChanged)
         self.pointsSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onPromptNodesChanged)
         self.clearButton.connect("clicked()", self.clearPrompts)
@@ -172,14 +183,46 @@ trained without negative points: they may change little).</li>
     def createCursor(self, widget):
         return slicer.util.mainWindow().cursor
 
+    def optionWidgets(self):
+        return (self.directionCombo, self.rangeCheck, self.firstSpin, self.lastSpin, self.minIouSpin,
+                self.applyModeCombo)
+
     def setMRMLDefaults(self):
-        pass
+        # Options live in the segment editor node (attributes "UltraSam.<name>"): they are saved with
+        # the scene and survive switching effects.
+        effect = self.scriptedEffect
+        effect.setParameterDefault("Direction", DIRECTIONS[0])
+        effect.setParameterDefault("LimitSlices", 0)
+        effect.setParameterDefault("FirstSlice", 0)
+        effect.setParameterDefault("LastSlice", 0)
+        effect.setParameterDefault("MinIoU", 0.5)
+        effect.setParameterDefault("ApplyMode", APPLY_MODES[0])
 
     def updateGUIFromMRML(self):
+        if hasattr(self, "directionCombo"):
+            effect = self.scriptedEffect
+            blocked = [widget.blockSignals(True) for widget in self.optionWidgets()]
+            self.directionCombo.currentIndex = DIRECTIONS.index(effect.parameter("Direction"))
+            self.rangeCheck.checked = effect.integerParameter("LimitSlices") != 0
+            self.firstSpin.value = effect.integerParameter("FirstSlice")
+            self.lastSpin.value = effect.integerParameter("LastSlice")
+            self.minIouSpin.value = effect.doubleParameter("MinIoU")
+            self.applyModeCombo.currentIndex = APPLY_MODES.index(effect.parameter("ApplyMode"))
+            for widget, wasBlocked in zip(self.optionWidgets(), blocked):
+                widget.blockSignals(wasBlocked)
         self.updateButtons()
 
-    def updateMRMLFromGUI(self):
-        pass
+    def updateMRMLFromGUI(self, *unused):
+        effect = self.scriptedEffect
+        # One parameter-modified event at the end: each one calls updateGUIFromMRML, which would
+        # otherwise put back the widgets not written yet.
+        with slicer.util.NodeModify(effect.parameterSetNode()):
+            effect.setParameter("Direction", DIRECTIONS[self.directionCombo.currentIndex])
+            effect.setParameter("LimitSlices", int(self.rangeCheck.checked))
+            effect.setParameter("FirstSlice", self.firstSpin.value)
+            effect.setParameter("LastSlice", self.lastSpin.value)
+            effect.setParameter("MinIoU", self.minIouSpin.value)
+            effect.setParameter("ApplyMode", APPLY_MODES[self.applyModeCombo.currentIndex])
 
     def interactionNodeModified(self, interactionNode):
         # Stay active while the user places markups prompts: the C++ base class deactivates the
@@ -194,12 +237,7 @@ trained without negative points: they may change little).</li>
         self.buildSession()
 
     def deactivate(self):
-        self.pollTimer.stop()
-        self.runTimer.stop()
-        if self.worker is not None:
-            self.worker.shutdown()
-            self.worker = None
-        self.unobservePromptNodes()
+        self.stopWork()
         for viewWidget, (actor, _) in self.rubberBands.items():
             self.scriptedEffect.removeActor2D(viewWidget, actor)
         self.rubberBands = {}
@@ -207,8 +245,19 @@ trained without negative points: they may change little).</li>
         self.session = None
 
     def cleanup(self):
+        """The effect is destroyed (Slicer closes): nothing of it may keep running or observing."""
+        self.stopWork()
         self.pollTimer.disconnect("timeout()", self.onPoll)
         self.runTimer.disconnect("timeout()", self.runPrompts)
+
+    def stopWork(self):
+        """Stop the timers, ask a running job to stop (never waiting for it), stop observing prompts."""
+        self.pollTimer.stop()
+        self.runTimer.stop()
+        if self.worker is not None:
+            self.worker.shutdown()
+            self.worker = None
+        self.unobservePromptNodes()
 
     def sourceVolumeNodeChanged(self):
         if self.worker is not None:
@@ -220,6 +269,7 @@ trained without negative points: they may change little).</li>
 
     def buildSession(self):
         """Read the source image (in the segmentation's grid) and load the model on the worker."""
+        self.generation += 1  # whatever is queued or running now belongs to the previous session
         self.session, self.result, self.propagated = None, None, False
         self.embeddedAxes = set()  # axes whose slices are all embedded already
         self.discardPreview()
@@ -240,22 +290,15 @@ trained without negative points: they may change little).</li>
             return
         volume, factory = self.volume, self.sessionFactory
         if factory is None:
-            settings = self.sessionSettings = self.modelSettings()
+            chosen = self.sessionSettings = model_settings.read()
 
             def factory(volume):
                 from UltraSamSlicerLib.session import SegmentationSession
 
-                return SegmentationSession(volume, shared_manager().cache(settings))
+                return SegmentationSession(volume, shared_manager().cache(chosen))
 
-        self.worker.request(Job("load", lambda job: factory(volume)))
+        self.submit("load", lambda job: factory(volume))
         self.setStatus("Loading UltraSam...")
-
-    @staticmethod
-    def modelSettings():
-        """The model chosen in the UltraSam module (or by the training module's 'Use this model')."""
-        from UltraSamSlicer import UltraSamSlicerLogic
-
-        return UltraSamSlicerLogic.modelSettings()
 
     # ---- prompts --------------------------------------------------------------------------------
     def promptNode(self, positive: bool):
@@ -276,8 +319,9 @@ trained without negative points: they may change little).</li>
     def promptNodes(self):
         nodes = [node for node in slicer.util.getNodesByClass("vtkMRMLMarkupsFiducialNode")
                  if node.GetAttribute(PROMPT_ROLE_ATTRIBUTE)]
+        own = {node.GetID() for node in nodes}
         extra = [self.pointsSelector.currentNode(), self.roiSelector.currentNode()]
-        return nodes + [node for node in extra if node is not None]
+        return nodes + [node for node in extra if node is not None and node.GetID() not in own]
 
     def observePromptNodes(self):
         """Re-run whenever a prompt node's points are placed, moved or removed."""
@@ -379,24 +423,32 @@ trained without negative points: they may change little).</li>
         self.discardPreview()
 
     def alignViews(self):
-        sourceNode = self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
+        """Turn every slice view to the nearest voxel plane of the grid clicks are checked against.
+
+        That grid is the segmentation's (the source image the editor hands over is resampled to
+        it), which may differ from the source volume's own: vtkMRMLSliceNode::RotateToVolumePlane
+        would align to the latter.
+        """
         layoutManager = slicer.app.layoutManager()
-        if sourceNode is None or layoutManager is None:
+        if self.volume is None or layoutManager is None:
             return
         for name in layoutManager.sliceViewNames():
-            sliceWidget = layoutManager.sliceWidget(name)
-            # vtkMRMLSliceNode::RotateToVolumePlane (closest volume axis), then put the plane on
-            # voxel centres: vtkMRMLSliceLogic::SnapSliceOffsetToIJK.
-            sliceWidget.mrmlSliceNode().RotateToVolumePlane(sourceNode)
-            sliceWidget.sliceLogic().SnapSliceOffsetToIJK()
-        self.setStatus("Slice views aligned with the source volume.")
+            sliceNode = layoutManager.sliceWidget(name).mrmlSliceNode()
+            sliceToRas = mrml_bridge.matrix_to_numpy(sliceNode.GetSliceToRAS())
+            aligned = mrml_bridge.aligned_slice_to_ras(sliceToRas, self.volume)
+            sliceNode.GetSliceToRAS().DeepCopy(mrml_bridge.numpy_to_matrix(aligned))
+            sliceNode.UpdateMatrices()
+        self.setStatus("Slice views aligned with the segmentation's voxel grid.")
 
     # ---- view interaction -----------------------------------------------------------------------
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
+        # True stops the event: the editor observes at priority 1.0 and aborts what the effect
+        # handled, so the markups widgets (priority 0.0) would never see it (qMRMLSegmentEditorWidget.cxx).
         if viewWidget.className() != "qMRMLSliceWidget" or self.volume is None:
             return False
         if eventId == vtk.vtkCommand.KeyPressEvent:
-            return self.onKey(callerInteractor.GetKeySym())
+            key = callerInteractor.GetKeySym()
+            return not (key in MARKUPS_KEYS and self.markupsHovered()) and self.onKey(key)
         if callerInteractor.GetShiftKey() or callerInteractor.GetAltKey():
             return False  # Shift moves the crosshair, Alt is the view's: leave them to Slicer
         interactionNode = slicer.app.applicationLogic().GetInteractionNode()  # vtkMRMLApplicationLogic
@@ -404,6 +456,8 @@ trained without negative points: they may change little).</li>
             return False  # the user is placing a markups point or ROI (a prompt too): let Slicer place it
         xy = callerInteractor.GetEventPosition()
         if eventId == vtk.vtkCommand.LeftButtonPressEvent:
+            if self.markupsHovered():
+                return False  # Markups drags the point or handle under the mouse
             confirmed = self.scriptedEffect.confirmCurrentSegmentVisible()
             if confirmed in (self.scriptedEffect.NotConfirmed, self.scriptedEffect.ConfirmedWithDialog):
                 return True  # as Slicer's Draw effect: a dialog ate the matching release event
@@ -425,6 +479,18 @@ trained without negative points: they may change little).</li>
                 self.addPoint(viewWidget, xy, positive=not negative)
             return True
         return False
+
+    @staticmethod
+    def markupsHovered() -> bool:
+        """Whether the mouse is over a markups control point, line or handle (prompts included).
+
+        The markups widget marks what the mouse hovers as its display node's active component, for
+        the mouse's interaction context (vtkSlicerMarkupsWidget::ProcessMouseMove), and clears it
+        when the mouse leaves; the effect lets mouse moves through, so this stays current.
+        """
+        none = slicer.vtkMRMLMarkupsDisplayNode.ComponentNone
+        return any(node.GetActiveComponentType() != none
+                   for node in slicer.util.getNodesByClass("vtkMRMLMarkupsDisplayNode"))
 
     def onKey(self, key):
         """Effect keys, chosen not to clash with the Segment Editor's own (digits, z, y, q, w, i, ...)."""
@@ -464,15 +530,16 @@ trained without negative points: they may change little).</li>
     def span(self):
         from UltraSamSlicerLib.session import Span
 
-        limited = self.rangeCheck.checked
-        return Span(self.directionCombo.currentText,
-                    self.firstSpin.value if limited else None, self.lastSpin.value if limited else None)
+        effect = self.scriptedEffect
+        limited = effect.integerParameter("LimitSlices") != 0
+        return Span(effect.parameter("Direction"), effect.integerParameter("FirstSlice") if limited else None,
+                    effect.integerParameter("LastSlice") if limited else None)
 
     def runPrompts(self, propagate=None):
         """Start (or queue, replacing a queued one) a run of the session on the current prompts."""
         if self.session is None or self.worker is None:
             return
-        if self.sessionFactory is None and self.modelSettings() != self.sessionSettings:
+        if self.sessionFactory is None and model_settings.read() != self.sessionSettings:
             self.buildSession()  # another model was chosen meanwhile: load it, then run these prompts
             return
         from ultrasam.propagation import StopRules
@@ -487,7 +554,7 @@ trained without negative points: they may change little).</li>
             return
         propagate = self.propagated if propagate is None else propagate
         session, axis, span = self.session, self.axis, self.span()
-        rules = StopRules(min_iou=self.minIouSpin.value)
+        rules = StopRules(min_iou=self.scriptedEffect.doubleParameter("MinIoU"))
 
         def run(job):
             session.set_rules(rules)
@@ -495,8 +562,12 @@ trained without negative points: they may change little).</li>
             return session.run(prompts, propagate, span, job.cancel.is_set,
                                lambda done, total: setattr(job, "progress", (done, total)))
 
-        self.worker.request(Job("propagate" if propagate else "preview", run))
+        self.submit("propagate" if propagate else "preview", run)
         self.updateButtons()
+
+    def submit(self, name, function, background=False):
+        """Run ``function(job)`` on the worker, tagged with the current session's generation."""
+        self.worker.request(Job(name, function, background=background, generation=self.generation))
 
     def onPropagate(self):
         if self.session is None:
@@ -520,7 +591,9 @@ trained without negative points: they may change little).</li>
         if finished is None:
             return
         job, result, error = finished
-        if error is not None:
+        if job.generation != self.generation:
+            pass  # queued before the model or volume changed: nothing of it reaches this session
+        elif error is not None:
             self.reportError(job, error)
         elif job.name == "load":
             self.session = result
@@ -547,7 +620,7 @@ trained without negative points: they may change little).</li>
             done = session.embed_all(job.cancel.is_set, lambda done, total: setattr(job, "progress", (done, total)))
             return axis if done else None
 
-        self.worker.request(Job("embed", embed, background=True))
+        self.submit("embed", embed, background=True)
 
     def reportError(self, job, error):
         from ultrasam.propagation import PropagationCancelled
@@ -600,7 +673,8 @@ trained without negative points: they may change little).</li>
             self.setStatus("Wait for the running computation to finish, or cancel it, before applying.")
             return
         modes = slicer.qSlicerSegmentEditorAbstractEffect
-        mode = (modes.ModificationModeAdd, modes.ModificationModeSet)[self.applyModeCombo.currentIndex]
+        mode = (modes.ModificationModeAdd, modes.ModificationModeSet)[
+            APPLY_MODES.index(self.scriptedEffect.parameter("ApplyMode"))]
         modifier = self.scriptedEffect.defaultModifierLabelmap()
         segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
         painted = mrml_bridge.paint_labelmap(modifier, self.result.mask,
