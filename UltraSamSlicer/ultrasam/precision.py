@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from segment_anything.modeling.image_encoder import ImageEncoderViT
 from torch import nn
 
 from ultrasam.atomic import write_text_atomic
@@ -95,13 +96,12 @@ def encoder_timer(encoder: nn.Module, device: torch.device) -> Timer:
 
 
 def _probe(encoder: nn.Module, image: torch.Tensor) -> torch.Tensor:
-    blocks = getattr(encoder, "blocks", None)
-    if blocks is None or not hasattr(encoder, "patch_embed"):
+    if not isinstance(encoder, ImageEncoderViT):
         return encoder(image)
     tokens = encoder.patch_embed(image)
-    if getattr(encoder, "pos_embed", None) is not None:
+    if encoder.pos_embed is not None:
         tokens = tokens + encoder.pos_embed
-    for block in blocks:
+    for block in encoder.blocks:
         tokens = block(tokens)
         if getattr(block, "window_size", 0) == 0:  # the first global block ends the probe
             break
