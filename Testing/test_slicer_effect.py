@@ -157,7 +157,7 @@ def effect(scene):
     editorNode.SetSelectedSegmentID("object")
     image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(volume)
 
-    from UltraSamSlicerLib.session import SegmentationSession
+    from ultrasam.session import SegmentationSession
 
     module = importlib.import_module("UltraSamSlicerLib.SegmentEditorEffect")
     effect = module.SegmentEditorEffect(StubAdaptor(editorNode, image))
@@ -321,7 +321,7 @@ def test_a_prompt_outside_the_volume_is_reported_not_raised(effect, scene):
 
 
 def test_on_a_gpu_slices_are_embedded_once_in_the_background(effect):
-    from UltraSamSlicerLib.session import SegmentationSession
+    from ultrasam.session import SegmentationSession
 
     embedded = []
     gpu_cache = types.SimpleNamespace(

@@ -18,7 +18,7 @@ import pytest
 MODULE_DIR = Path(__file__).resolve().parents[1] / "UltraSamSlicer"
 sys.path[:0] = [str(MODULE_DIR), str(MODULE_DIR / "Testing" / "Python")]
 from slicer_test_fakes import ThresholdModel, ball  # noqa: E402
-from UltraSamSlicerLib.session import SegmentationSession, Span  # noqa: E402
+from ultrasam.session import SegmentationSession, Span  # noqa: E402
 from UltraSamSlicerLib.worker import InferenceWorker, Job, WorkerBusy  # noqa: E402
 from ultrasam.geometry import Geometry, Volume  # noqa: E402
 from ultrasam.prompts3d import VolumePrompts  # noqa: E402

@@ -1,7 +1,7 @@
 """The UltraSam Segment Editor effect: prompts in slice views -> live preview -> propagate -> apply.
 
 A thin Qt layer. Clicks, drags and markups become world-RAS prompts (:mod:`mrml_bridge`); the
-Qt-free :class:`~UltraSamSlicerLib.session.SegmentationSession` turns them into a (K, J, I) mask on
+Qt-free :class:`~ultrasam.session.SegmentationSession` turns them into a (K, J, I) mask on
 the one inference thread (:mod:`worker`); a ``QTimer`` on the main thread collects results and does
 all MRML work. The result is shown in a separate preview segmentation and reaches the edited
 segment only through ``modifySelectedSegmentByLabelmap``, after one ``saveStateForUndo``, so
@@ -243,7 +243,7 @@ trained without negative points: they may change little).</li>
             settings = self.sessionSettings = self.modelSettings()
 
             def factory(volume):
-                from UltraSamSlicerLib.session import SegmentationSession
+                from ultrasam.session import SegmentationSession
 
                 return SegmentationSession(volume, shared_manager().cache(settings))
 
@@ -462,7 +462,7 @@ trained without negative points: they may change little).</li>
 
     # ---- running --------------------------------------------------------------------------------
     def span(self):
-        from UltraSamSlicerLib.session import Span
+        from ultrasam.session import Span
 
         limited = self.rangeCheck.checked
         return Span(self.directionCombo.currentText,

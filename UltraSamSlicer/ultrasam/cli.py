@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(commands)
     _add_download(commands)
     _add_demo(commands)
+    _add_serve(commands)
     add_evaluate_parser(commands)
     return parser
 
@@ -179,6 +180,54 @@ def _add_demo(commands) -> None:
     add_model_options(parser)
     _add_volume_options(parser)
     parser.set_defaults(run=_run_demo)
+
+
+def _add_serve(commands) -> None:
+    parser = commands.add_parser(
+        "serve", help="run the engine as an HTTP service (Slicer, `--server` clients)",
+        description="Hold the model and serve segmentation sessions over HTTP (operations: ultrasam/server.py). "
+                    "Listens on 127.0.0.1 unless --host says otherwise; any other address needs a token.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only; "
+                        "any other address needs a token)")
+    parser.add_argument("--port", type=int, default=8765, help="TCP port (default 8765)")
+    parser.add_argument("--token-file", help="file holding the token clients must send (default: the "
+                        "ULTRASAM_TOKEN environment variable)")
+    parser.add_argument("--new-token", action="store_true", help="make a random token and print it, to paste "
+                        "into the UltraSam module or pass as --token to clients")
+    parser.add_argument("--cache-gib", type=float, default=2.0, help="slice embeddings kept on the device "
+                        "(twice as much more in CPU memory; default 2)")
+    parser.add_argument("--session-memory-gib", type=float, default=8.0,
+                        help="voxel memory of all open volumes; least recently used idle ones close beyond it")
+    parser.add_argument("--idle-minutes", type=float, default=30.0, help="close volumes unused this long")
+    parser.add_argument("--max-upload-mib", type=float, default=1024.0, help="largest volume a client may send")
+    parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)  # child of Slicer
+    add_model_options(parser)
+    parser.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import os
+    import secrets
+
+    from ultrasam.server import Engine, Limits, check_binding, serve
+    from ultrasam.volume_embeddings import GIB, VolumeEmbeddingCache
+
+    token = os.environ.get("ULTRASAM_TOKEN") or None
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as file:
+            token = file.read().strip() or None
+    if args.new_token:
+        token = secrets.token_urlsafe(24)
+        print(f"token: {token}", flush=True)
+    check_binding(args.host, token)  # before the model loads: a refusal costs nothing
+    predictor, description = predictor_from_args(args)
+    budget = int(args.cache_gib * GIB)
+    limits = Limits(upload_bytes=int(args.max_upload_mib * 2**20), session_bytes=int(args.session_memory_gib * GIB),
+                    idle_seconds=args.idle_minutes * 60)
+    engine = Engine(VolumeEmbeddingCache(predictor, budget, 2 * budget), description, limits)
+    print(f"ultrasam serve: http://{args.host}:{args.port} ({description})", file=sys.stderr, flush=True)
+    serve(engine, args.host, args.port, token, watch_stdin=args.exit_with_stdin)
+    return 0
 
 
 def _run_segment(args: argparse.Namespace) -> int:

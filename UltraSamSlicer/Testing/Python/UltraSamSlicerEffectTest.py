@@ -35,7 +35,7 @@ class UltraSamSlicerEffectTest(ScriptedLoadableModuleTest):
             import torch  # noqa: F401 - the session's core needs it
         except ImportError:
             self.skipTest("torch is not installed: install the dependencies from the UltraSam module")
-        from UltraSamSlicerLib.session import SegmentationSession
+        from ultrasam.session import SegmentationSession
 
         volume, segmentation, editor = self.makeScene()
         effect = editor.effectByName("UltraSam").self()

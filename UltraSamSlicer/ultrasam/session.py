@@ -1,8 +1,8 @@
-"""One object being segmented in one volume: the effect's state, free of Qt and MRML.
+"""One object being segmented in one volume: an interactive editor's state, free of Qt and MRML.
 
-The Segment Editor effect translates clicks and markups into :class:`VolumePrompts` in world RAS
-and calls :meth:`SegmentationSession.run` on the worker thread; everything between prompts and a
-(K, J, I) mask is the core's (:mod:`ultrasam.slicing`, :mod:`ultrasam.prompts3d`,
+``ultrasam serve`` holds one per opened volume (:mod:`ultrasam.server`): the Segment Editor effect
+sends prompts in world RAS and the server calls :meth:`SegmentationSession.run`; everything between
+prompts and a (K, J, I) mask is the core's (:mod:`ultrasam.slicing`, :mod:`ultrasam.prompts3d`,
 :mod:`ultrasam.propagation`). The session adds what an interactive editor needs on top:
 
 - the slicing axis follows the view the user prompts in (points stay valid: they are 3D);
