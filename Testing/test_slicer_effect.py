@@ -2,7 +2,8 @@
 
 Slicer's Qt layer (qt, ctk, the Segment Editor's C++ effect adaptor, slice widgets) is absent from
 the slicer-core wheel, so it is stubbed here, and only it: MRML, segmentations, markups, the
-bridge, the session and the worker are real. The stub effect adaptor implements the few
+bridge and the session are real (run in-process by a stand-in for the server client, except in the
+tests that start the real server). The stub effect adaptor implements the few
 ``qSlicerSegmentEditorAbstractEffect`` calls the effect makes with the real MRML objects Slicer
 would hand it (the source image in the segmentation's grid, a modifier labelmap on that grid),
 and a stub slice view maps view pixels to RAS through a real vtkMRMLSliceNode.
@@ -31,7 +32,7 @@ import vtk  # noqa: E402
 
 MODULE_DIR = Path(__file__).resolve().parents[1] / "UltraSamSlicer"
 sys.path[:0] = [str(MODULE_DIR), str(MODULE_DIR / "Testing" / "Python")]
-from slicer_test_fakes import ThresholdModel, ball  # noqa: E402
+from slicer_test_fakes import InlineSession, ball  # noqa: E402
 from UltraSamSlicerLib import mrml_bridge  # noqa: E402
 
 SHAPE = (12, 16, 18)
@@ -157,8 +158,6 @@ def effect(scene):
     editorNode.SetSelectedSegmentID("object")
     image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(volume)
 
-    from ultrasam.session import SegmentationSession
-
     module = importlib.import_module("UltraSamSlicerLib.SegmentEditorEffect")
     effect = module.SegmentEditorEffect(StubAdaptor(editorNode, image))
     effect.setupOptionsFrame()
@@ -168,7 +167,7 @@ def effect(scene):
     effect.minIouSpin = types.SimpleNamespace(value=0.5)
     effect.applyModeCombo = types.SimpleNamespace(currentIndex=0)  # "Add to segment"
     effect.pointsSelector = effect.roiSelector = types.SimpleNamespace(currentNode=lambda: None)
-    effect.sessionFactory = lambda volume: SegmentationSession(volume, None, slice_predictor=ThresholdModel)
+    effect.sessionFactory = InlineSession
     effect.activate()
     settle(effect)
     assert effect.session is not None
@@ -176,16 +175,17 @@ def effect(scene):
     effect.deactivate()
 
 
-def settle(effect):
-    """Run the worker's jobs to the end, polling from the 'main thread' like the effect's timer."""
+def settle(effect, timeout=60.0):
+    """Poll from the 'main thread' like the effect's timer until nothing is starting or running."""
     import time
 
-    for _ in range(1000):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
         effect.onPoll()
-        if effect.worker is None or effect.worker.idle:
+        if not effect.wantSession and not (effect.session is not None and effect.session.running):
             return
         time.sleep(0.005)
-    raise AssertionError("the effect's worker did not settle")
+    raise AssertionError("the effect did not settle")
 
 
 def world_of_kji(kji) -> np.ndarray:
@@ -320,20 +320,6 @@ def test_a_prompt_outside_the_volume_is_reported_not_raised(effect, scene):
     assert view is not None
 
 
-def test_on_a_gpu_slices_are_embedded_once_in_the_background(effect):
-    from ultrasam.session import SegmentationSession
-
-    embedded = []
-    gpu_cache = types.SimpleNamespace(
-        predictor=types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"), batch_size=4),
-        get=lambda slices, indices: embedded.extend(indices))
-    effect.sessionFactory = lambda volume: SegmentationSession(volume, gpu_cache, slice_predictor=ThresholdModel)
-    effect.buildSession()
-    settle(effect)
-    settle(effect)  # idle again: nothing more to embed
-    assert sorted(embedded) == list(range(SHAPE[0]))
-
-
 def test_dependency_install_asks_once_and_never_in_testing_mode(qt_layer, monkeypatch):
     module = importlib.import_module("UltraSamSlicer")
     missing = [["torch>=2.1", "segment-anything==1.0"], ["segment-anything==1.0"], []]
@@ -362,32 +348,73 @@ def test_dependency_install_asks_once_and_never_in_testing_mode(qt_layer, monkey
     pip.assert_called_once_with(["segment-anything==1.0"])
 
 
-def test_the_effect_loads_the_chosen_checkpoint_and_reloads_when_it_changes(effect, scene, tiny_sam, tmp_path,
-                                                                            monkeypatch):
-    import dataclasses
-
+@pytest.fixture
+def served(effect, tiny_sam, tmp_path, monkeypatch):
+    """The effect on the real path: a local `ultrasam serve` child with a tiny checkpoint (this
+    interpreter stands in for PythonSlicer); yields the settings the module would hold."""
     from ultrasam.checkpoint import save_checkpoint
-    from UltraSamSlicerLib.models import ModelSettings, shared_manager
+    from UltraSamSlicerLib import engine
+    from UltraSamSlicerLib.models import ModelSettings
 
     chosen = {"settings": ModelSettings(checkpoint=str(save_checkpoint(tmp_path / "first.pth", tiny_sam)),
                                         device="cpu")}
     monkeypatch.setattr(type(effect), "modelSettings", staticmethod(lambda: chosen["settings"]))
-    effect.sessionFactory = None  # the real path: ModelManager -> load_model -> Predictor -> session
+    connection = engine.EngineConnection(sys.executable)
+    monkeypatch.setattr(engine, "_ENGINE", connection)
+    effect.engine, effect.sessionFactory = connection, None
+    yield chosen
+    effect.deactivate()
+    connection.stop()
+
+
+def test_the_effect_starts_the_server_with_the_chosen_checkpoint_and_restarts_it_when_it_changes(
+        effect, served, tmp_path, tiny_sam):
+    import dataclasses
+
+    from ultrasam.checkpoint import save_checkpoint
+
     effect.buildSession()
     settle(effect)
-    assert "first.pth" in shared_manager().description and effect.session.cache is not None
+    assert "first.pth" in effect.engine.description and effect.engine.local.running
+    first_process = effect.engine.local.process
     view = k_plane_view(6)
     click(effect, view, view.xyOf(world_of_kji(CENTER_KJI)[0]))
-    assert effect.result is not None and effect.result.mask.shape == SHAPE
+    settle(effect)
+    assert effect.result is not None and effect.result.shape == SHAPE
 
     second = save_checkpoint(tmp_path / "second.pth", tiny_sam)
-    chosen["settings"] = dataclasses.replace(chosen["settings"], checkpoint=str(second))  # e.g. "Use this model"
+    served["settings"] = dataclasses.replace(served["settings"], checkpoint=str(second))  # e.g. "Use this model"
     effect.runPrompts()
     settle(effect)
-    assert "second.pth" in shared_manager().description
+    assert "second.pth" in effect.engine.description and effect.engine.starts == 2
+    assert first_process.poll() is not None  # the first server was stopped, not left behind
     assert effect.result is not None  # the prompts ran again with the new model
-    shared_manager().unload()
 
+
+def test_a_killed_server_leaves_preview_and_segment_as_they_were_and_the_next_prompt_restarts_it(
+        effect, served, scene):
+    import os
+    import signal
+
+    effect.buildSession()
+    settle(effect)
+    view = k_plane_view(6)
+    click(effect, view, view.xyOf(world_of_kji(CENTER_KJI)[0]))
+    settle(effect)
+    before = preview_kji(effect, scene)
+    assert before and effect.engine.starts == 1
+
+    os.kill(effect.engine.local.process.pid, signal.SIGKILL)  # as the kernel's OOM killer would
+    effect.engine.local.process.wait()
+    effect.onPropagate()
+    assert "server stopped" in effect.statusLabel.text and "next prompt starts" in effect.statusLabel.text
+    assert preview_kji(effect, scene) == before and effect.session is None
+    assert effect.scriptedEffect.modifications == []  # the segment was never touched
+
+    click(effect, view, view.xyOf(world_of_kji(CENTER_KJI + [0, 1, 0])[0]))  # the next prompt
+    settle(effect)
+    assert effect.engine.starts == 2 and effect.session is not None
+    assert preview_kji(effect, scene)  # a new preview from the new server
 
 def test_a_markups_roi_prompts_every_slice_it_crosses_and_resizing_it_reruns(effect, scene):
     ijk_to_world = PARENT @ IJK_TO_LOCAL

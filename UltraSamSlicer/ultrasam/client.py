@@ -196,9 +196,7 @@ class LocalServer:
         """Start the process and return at once; :meth:`ready` says when it answers."""
         self.stop()
         port, token = free_port(), secrets.token_urlsafe(24)
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, **{TOKEN_ENV: token})
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        env = child_environment({TOKEN_ENV: token})  # not on the command line: others may list it
         log = tempfile.NamedTemporaryFile("wb", prefix="ultrasam-serve-", suffix=".log", delete=False)
         self.log_path = log.name
         command = [self.python, "-m", "ultrasam.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
@@ -258,6 +256,15 @@ class LocalServer:
         if self._client is not None:
             self._client.close()
         self.process, self._client = None, None
+
+
+def child_environment(extra: dict | None = None) -> dict:
+    """This process's environment, with this ``ultrasam`` package importable (Slicer keeps it in
+    the module's folder, which a child interpreter does not search)."""
+    env = dict(os.environ, **(extra or {}))
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    return env
 
 
 def free_port() -> int:

@@ -141,7 +141,7 @@ class Engine:
         opened = self.get(session_id)
         if opened.run is not None and not opened.run.future.done():
             raise ApiError(409, "a run of this session is still going: poll it, or cancel it first")
-        prompts, propagate, axis, span, rules = _parse_run(request, opened.session.volume.shape_kji)
+        prompts, propagate, axis, span, rules = parse_run_request(request, opened.session.volume.shape_kji)
         if opened.embed is not None:
             opened.embed.cancel.set()  # prompts never wait behind embedding ahead of time
         run = Run(propagate)
@@ -259,7 +259,7 @@ def _running(opened: OpenSession) -> bool:
     return opened.run is not None and not opened.run.future.done()
 
 
-def _parse_run(request: dict, shape_kji) -> tuple:
+def parse_run_request(request: dict, shape_kji) -> tuple:
     """A run request -> (VolumePrompts, propagate, axis, Span, StopRules); 400 saying what is wrong."""
     from ultrasam.prompts3d import Roi, SliceBox, VolumePrompts
     from ultrasam.propagation import StopRules

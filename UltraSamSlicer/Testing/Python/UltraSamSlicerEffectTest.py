@@ -35,12 +35,10 @@ class UltraSamSlicerEffectTest(ScriptedLoadableModuleTest):
             import torch  # noqa: F401 - the session's core needs it
         except ImportError:
             self.skipTest("torch is not installed: install the dependencies from the UltraSam module")
-        from ultrasam.session import SegmentationSession
-
         volume, segmentation, editor = self.makeScene()
         effect = editor.effectByName("UltraSam").self()
         # Before activation, so that activating builds the session with the stand-in model.
-        effect.sessionFactory = lambda v: SegmentationSession(v, None, slice_predictor=ThresholdModel)
+        effect.sessionFactory = InlineSession  # the session in this process, instead of the server's
         editor.setActiveEffectByName("UltraSam")
         self.assertIs(editor.activeEffect().self(), effect)
         self.settle(effect)
@@ -121,11 +119,12 @@ class UltraSamSlicerEffectTest(ScriptedLoadableModuleTest):
 
     @staticmethod
     def settle(effect, timeout=30.0):
-        """Let the effect's timers and worker finish, keeping the event loop alive."""
+        """Let the effect's timers and runs finish, keeping the event loop alive."""
         end = time.time() + timeout
         while time.time() < end:
             slicer.app.processEvents()  # fires the effect's run and poll timers
-            if not effect.runTimer.isActive() and effect.worker.idle:
+            running = effect.wantSession or (effect.session is not None and effect.session.running)
+            if not effect.runTimer.isActive() and not running:
                 return
             time.sleep(0.01)
         raise AssertionError("the UltraSam effect did not finish in time")
