@@ -255,3 +255,36 @@ def test_urllib_plain_clients_can_read_info(server):
                                      headers={"Authorization": f"Bearer {server.client._token}"})
     with urllib.request.urlopen(request, timeout=10) as answer:
         assert json.loads(answer.read())["server"] == "ultrasam"
+
+
+def test_the_command_line_segments_on_a_server_as_it_does_here(server, tmp_path, monkeypatch):
+    import SimpleITK as sitk
+
+    from ultrasam.cli import main
+    from ultrasam.volume_io import read_volume
+
+    image = tmp_path / "tube.nii.gz"
+    written = sitk.GetImageFromArray(tube_volume(9))
+    written.SetSpacing((0.8, 0.8, 1.5))
+    written.SetOrigin((3.0, -2.0, 1.0))
+    sitk.WriteImage(written, str(image))
+    assert set(np.unique(read_volume(image).voxels)) == {30, 200}
+    monkeypatch.setenv("ULTRASAM_TOKEN", server.client._token)
+    common = [str(image), "--point", "32", "32", "4", "--propagate", "--min-iou", "-10", "--max-growth", "1e9"]
+    assert main(["segment", *common, "-o", str(tmp_path / "here.nii.gz"), "-c", str(SHIPPED_MODEL),
+                 "--device", "cpu"]) == 0
+    assert main(["segment", *common, "-o", str(tmp_path / "served.nii.gz"), "--server", server.client.url,
+                 "--report", str(tmp_path / "served.json")]) == 0
+    here, served = (read_volume(tmp_path / name).voxels for name in ("here.nii.gz", "served.nii.gz"))
+    assert served.any()
+    np.testing.assert_array_equal(served, here)
+    report = json.loads((tmp_path / "served.json").read_text())
+    assert report["segmented_slices"] == list(range(9)) and report["key_slices"] == [4]
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"volume": "tube.nii.gz", "frame": "ijk", "points": [[32, 32, 4]]}]))
+    assert main(["batch", str(prompts), "--output-dir", str(tmp_path / "batch"), "--server", server.client.url,
+                 "--propagate", "--min-iou", "-10", "--max-growth", "1e9"]) == 0
+    np.testing.assert_array_equal(read_volume(tmp_path / "batch" / "tube_mask.nii.gz").voxels, here)
+    assert main(["segment", *common, "-o", str(tmp_path / "x.nii.gz"), "--server", server.client.url,
+                 "-c", str(SHIPPED_MODEL)]) == 2  # the server's model is the one that runs: said, not ignored

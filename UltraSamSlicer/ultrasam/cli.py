@@ -34,6 +34,9 @@ examples:
   # many volumes from one prompts file (JSON or CSV), see `ultrasam batch --help`:
   ultrasam batch prompts.json -c UltraSam.pth --output-dir masks/
 
+  # the same on a shared GPU server (`ultrasam serve`), its token in $ULTRASAM_TOKEN:
+  ultrasam batch prompts.json --server http://gpu-box:8765 --output-dir masks/
+
   # Dice/IoU of a model with box and centroid-click prompts, beside the ellipse-in-box baseline:
   ultrasam evaluate busbra/ hc18/ -c UltraSam.pth -o eval/
 
@@ -99,6 +102,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         "trained with ultrasam-train); auto: what the checkpoint calls for")
 
 
+def _add_server_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", metavar="URL", help="segment on a running `ultrasam serve` (http://host:port) "
+                        "with the model it was started with; its token from $ULTRASAM_TOKEN or --token-file")
+    parser.add_argument("--token-file", help="file holding the server's token")
+
+
 def _add_volume_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--axis", default="k", help="slicing axis: k, j or i (the ijk index constant on a "
                         "slice), or the numpy axis 0, 1, 2 of the (K, J, I) array (default k)")
@@ -147,6 +156,7 @@ def _add_segment(commands) -> None:
                         help="propagate only within slices FIRST..LAST (inclusive)")
     add_model_options(parser)
     _add_volume_options(parser)
+    _add_server_option(parser)
     parser.set_defaults(run=_run_segment)
 
 
@@ -159,6 +169,7 @@ def _add_batch(commands) -> None:
     parser.add_argument("--output-dir", required=True, help="folder for masks, report.json and summary.csv")
     add_model_options(parser)
     _add_volume_options(parser)
+    _add_server_option(parser)
     parser.set_defaults(run=_run_batch)
 
 
@@ -237,13 +248,17 @@ def _run_segment(args: argparse.Namespace) -> int:
 
     volume = read_volume(args.input, frame=args.time_frame)
     prompts = _volume_prompts(args, volume.shape_kji[0] == 1)
-    predictor, description = predictor_from_args(args)
-    print(f"model: {description}", file=sys.stderr)
     axis = 0 if volume.shape_kji[0] == 1 else args.axis
-    with _progress(volume.shape_kji, axis, args.propagate) as on_slice:
-        mask, report = segment_volume(volume, predictor, prompts, axis=axis, propagate=args.propagate,
-                                      window=_window(args), rules=_stop_rules(args), on_slice=on_slice,
-                                      span=tuple(args.span) if args.span else None)
+    span = tuple(args.span) if args.span else None
+    if args.server:
+        segment = _server_segmenter(args, {"first": span[0], "last": span[1]} if span else None)
+        mask, report = segment(volume, prompts, axis)
+    else:
+        predictor, description = predictor_from_args(args)
+        print(f"model: {description}", file=sys.stderr)
+        with _progress(volume.shape_kji, axis, args.propagate) as on_slice:
+            mask, report = segment_volume(volume, predictor, prompts, axis=axis, propagate=args.propagate,
+                                          window=_window(args), rules=_stop_rules(args), on_slice=on_slice, span=span)
     write_mask(mask, volume.geometry, args.output)
     if args.report:
         write_text_atomic(args.report, json.dumps(report, indent=2))
@@ -254,10 +269,12 @@ def _run_segment(args: argparse.Namespace) -> int:
 def _run_batch(args: argparse.Namespace) -> int:
     from ultrasam.batch import run_batch
 
-    predictor, description = predictor_from_args(args)
-    print(f"model: {description}", file=sys.stderr)
+    predictor, segment = None, _server_segmenter(args) if args.server else None
+    if segment is None:
+        predictor, description = predictor_from_args(args)
+        print(f"model: {description}", file=sys.stderr)
     rows = run_batch(args.prompts, predictor, args.output_dir, axis=args.axis, propagate=args.propagate,
-                     rules=_stop_rules(args), window=_window(args))
+                     rules=_stop_rules(args), window=_window(args), segment=segment)
     failed = [row for row in rows if row.get("error")]
     print(f"{len(rows) - len(failed)} of {len(rows)} volumes segmented; summary in {args.output_dir}/summary.csv")
     return 1 if failed else 0
@@ -288,6 +305,27 @@ def _run_demo(args: argparse.Namespace) -> int:
     args.frame, args.propagate, args.span = "ras", True, None
     print(f"demo: {SAMPLE_VOLUME.name} (RESECT case 3, CC BY 4.0), one click at RAS {SAMPLE_POINT_RAS}")
     return _run_segment(args)
+
+
+def _server_segmenter(args: argparse.Namespace, span: dict | None = None):
+    """segment(volume, prompts, axis) -> (mask, report) on the server named by --server."""
+    import dataclasses
+
+    from ultrasam.client import Client, segment_on_server
+    from ultrasam.slicing import axis_index
+
+    if args.window or args.checkpoint:
+        raise ValueError("--window and --checkpoint do not apply with --server: the server chooses the window and "
+                         "runs the model it was started with")
+    token = None
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as file:
+            token = file.read().strip()
+    client = Client(args.server, token)
+    print(f"model: {client.check_version()['model']} at {client.url}", file=sys.stderr)
+    rules = dataclasses.asdict(_stop_rules(args))
+    return lambda volume, prompts, axis: segment_on_server(client, volume, prompts, axis_index(axis), args.propagate,
+                                                           rules, span)
 
 
 def _stop_rules(args: argparse.Namespace) -> StopRules:

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from ultrasam import __version__
-from ultrasam.wire import PROTOCOL, apply_slices, encode_volume
+from ultrasam.wire import PROTOCOL, apply_slices, encode_volume, prompts_to_json
 
 TOKEN_ENV = "ULTRASAM_TOKEN"
 
@@ -127,6 +127,7 @@ class RunState:
     error: str = ""
     summary: str = ""
     propagated: bool = False
+    slices: tuple = ()  # per-slice report rows (ultrasam.batch.slice_rows) when done
 
 
 class RemoteSession:
@@ -170,12 +171,49 @@ class RemoteSession:
 
     def _take(self, answer: dict) -> RunState:
         state = RunState(answer["state"], tuple(answer.get("progress", (0, 0))), answer.get("error", ""),
-                         answer.get("summary", ""), answer.get("propagated", False))
+                         answer.get("summary", ""), answer.get("propagated", False), tuple(answer.get("slices", ())))
         if state.state == "done" and answer["version"] != self.version:
             mask = self.mask.copy()  # replaced whole: a half-applied update is never seen
             self.mask, self.version = apply_slices(mask, answer["masks"]), answer["version"]
         self.running, self.last = state.state == "running", state
         return state
+
+
+def segment_on_server(client: Client, volume, prompts, axis: int, propagate: bool, rules: dict | None = None,
+                      span: dict | None = None, poll_s: float = 1.0) -> tuple[np.ndarray, dict]:
+    """:func:`ultrasam.batch.segment_volume` on a server: the command line's ``--server``.
+
+    Args:
+        volume: an :class:`ultrasam.geometry.Volume`; prompts: :class:`ultrasam.prompts3d.VolumePrompts`
+            (its boxes and ROIs in its points' frame).
+        axis: numpy axis 0/1/2; rules, span: as :meth:`RemoteSession.start`.
+
+    Returns:
+        (K, J, I) uint8 mask and a report with :func:`ultrasam.batch.volume_report`'s totals and slice
+        rows (no walks: the server does not send them).
+    """
+    geometry = volume.geometry
+    session = client.open_volume(volume.voxels, geometry.origin_lps, geometry.spacing, geometry.direction_lps,
+                                 volume.name)
+    try:
+        wire_prompts = prompts_to_json(prompts.points, prompts.labels, prompts.frame,
+                                       [(box.corner_a, box.corner_b) for box in prompts.boxes],
+                                       [(roi.center, roi.axes, roi.half_sizes) for roi in prompts.rois])
+        state = session.start(wire_prompts, propagate, axis, span, rules, wait=poll_s)
+        while state.state == "running":
+            state = session.poll(wait=poll_s)
+    finally:
+        session.close()
+    if state.state != "done":
+        raise ValueError(f"{volume.name or 'volume'}: {state.error or 'the run was ' + state.state}")
+    rows = list(state.slices)
+    segmented = [row["index"] for row in rows if row["status"] in ("key", "propagated") and row["area_px"] > 0]
+    voxels = int(session.mask.sum())
+    return session.mask, {
+        "volume": volume.name, "server": client.url, "axis": axis, "summary": state.summary,
+        "key_slices": sorted({row["key"] for row in rows}), "segmented_slices": sorted(segmented),
+        "voxels": voxels, "volume_ml": round(voxels * float(np.prod(geometry.spacing)) / 1000.0, 4), "slices": rows,
+    }
 
 
 class LocalServer:

@@ -92,6 +92,7 @@ class OpenSession:
     axis: int = 0  # the axis of the latest result: masks travel as its slices
     summary: str = ""
     propagated: bool = False
+    rows: list = field(default_factory=list)  # the latest result's per-slice report rows
 
 
 class Engine:
@@ -179,8 +180,8 @@ class Engine:
             self._keep_result(opened, run.future.result())
             run.collected = True
             self._embed_ahead(opened)
-        return {"state": "done", "version": opened.version, "summary": opened.summary,
-                "propagated": opened.propagated, "masks": self._changes(opened, base)}
+        return {"state": "done", "version": opened.version, "summary": opened.summary, "axis": opened.axis,
+                "propagated": opened.propagated, "slices": opened.rows, "masks": self._changes(opened, base)}
 
     def mask(self, session_id: str) -> dict:
         opened = self.get(session_id)
@@ -232,8 +233,11 @@ class Engine:
         opened.version += 1
         opened.versions = {opened.version - 1: opened.versions.get(opened.version - 1),
                            opened.version: result.mask.astype(np.uint8)}
+        from ultrasam.batch import slice_rows
+
         opened.axis = result.axis
         opened.summary, opened.propagated = result.summary(), result.propagated
+        opened.rows = slice_rows(result.slices, float(np.prod(opened.session.slices().pixel_spacing)))
 
     def _changes(self, opened: OpenSession, base: int | None) -> dict:
         current = opened.versions[opened.version]
