@@ -32,7 +32,8 @@ class WireError(ValueError):
 
 
 def encode_volume(voxels: np.ndarray, origin_lps, spacing, direction_lps, name: str = "", level: int = 1) -> bytes:
-    """(K, J, I) voxels and their geometry -> a volume body. ``level`` 1: zlib's fastest."""
+    """(K, J, I) voxels and their geometry -> a volume body. ``level`` 1: zlib's fastest; voxels
+    whose first MiB does not compress (noise, most float data) are stored (level 0), 10x faster."""
     voxels = np.ascontiguousarray(voxels)
     if voxels.ndim != 3 or voxels.dtype.name not in VOXEL_DTYPES:
         raise WireError(f"a volume is (K, J, I) of {', '.join(VOXEL_DTYPES)}; got {voxels.shape} {voxels.dtype}")
@@ -41,7 +42,10 @@ def encode_volume(voxels: np.ndarray, origin_lps, spacing, direction_lps, name: 
         "origin_lps": np.asarray(origin_lps, float).tolist(), "spacing": np.asarray(spacing, float).tolist(),
         "direction_lps": np.asarray(direction_lps, float).tolist(),
     }).encode()
-    return MAGIC + struct.pack("<I", len(header)) + header + zlib.compress(voxels.view(np.uint8).data, level)
+    raw = voxels.reshape(-1).view(np.uint8)
+    if level and len(zlib.compress(raw[:1 << 20].data, level)) > 0.9 * min(raw.size, 1 << 20):
+        level = 0
+    return MAGIC + struct.pack("<I", len(header)) + header + zlib.compress(raw.data, level)
 
 
 def decode_volume(body: bytes, max_voxel_bytes: int) -> tuple[dict, np.ndarray]:
