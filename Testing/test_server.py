@@ -288,3 +288,16 @@ def test_the_command_line_segments_on_a_server_as_it_does_here(server, tmp_path,
     np.testing.assert_array_equal(read_volume(tmp_path / "batch" / "tube_mask.nii.gz").voxels, here)
     assert main(["segment", *common, "-o", str(tmp_path / "x.nii.gz"), "--server", server.client.url,
                  "-c", str(SHIPPED_MODEL)]) == 2  # the server's model is the one that runs: said, not ignored
+
+
+def test_the_slicer_side_and_the_client_import_no_model_code():
+    # What Slicer's process loads to segment: the effect's non-Qt imports, the engine connection,
+    # the client. None may pull torch or segment_anything in (the model lives in the server).
+    root = os.path.dirname(os.path.dirname(__file__))
+    code = ("import sys; import ultrasam.client, ultrasam.wire, UltraSamSlicerLib.engine, UltraSamSlicerLib.models, "
+            "UltraSamSlicerLib.mrml_bridge; print(sorted(m for m in ('torch', 'segment_anything', 'fastapi') "
+            "if m in sys.modules))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(root, "UltraSamSlicer"), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

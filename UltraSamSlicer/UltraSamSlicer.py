@@ -371,7 +371,7 @@ class UltraSamSlicerTest(ScriptedLoadableModuleTest):
         before = logic.modelSettings()
         try:
             wanted = ModelSettings(checkpoint="/tmp/model.pth", device="cpu", precision="float32", cache_gib=1.5,
-                                   cache_dir=before.cache_dir)
+                                   cache_dir=before.cache_dir, server_url="http://gpu-box:8765", server_token="t")
             logic.saveModelSettings(wanted)
             self.assertEqual(logic.modelSettings(), wanted)
         finally:

@@ -18,7 +18,6 @@ Slicer APIs used here (all in Slicer 5.8): ``AbstractScriptedSegmentEditorEffect
 
 from __future__ import annotations
 
-import logging
 import os
 
 import qt

@@ -412,10 +412,18 @@ def serve(engine: Engine, host: str, port: int, token: str | None, watch_stdin: 
                                            timeout_graceful_shutdown=2))
     if watch_stdin:
         threading.Thread(target=_exit_with_parent, args=(server,), daemon=True).start()
+    threading.Thread(target=_expire_idle_sessions, args=(engine,), daemon=True).start()
     try:
         server.run()
     finally:
         engine.shutdown()
+
+
+def _expire_idle_sessions(engine: Engine, every_s: float = 60.0) -> None:
+    """Idle sessions close even when no request comes to close them."""
+    while True:
+        time.sleep(every_s)
+        engine.expire_idle()
 
 
 def _exit_with_parent(server) -> None:

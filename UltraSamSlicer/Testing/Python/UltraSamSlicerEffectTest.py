@@ -15,7 +15,7 @@ import vtk
 
 import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
-from slicer_test_fakes import ThresholdModel, ball
+from slicer_test_fakes import InlineSession, ball
 
 SHAPE = (14, 20, 22)
 CENTER_KJI = np.array([7, 10, 11])
