@@ -37,36 +37,42 @@ def server():
     server.stop()
 
 
-def reference(voxels, prompts, propagate):
+@pytest.fixture(scope="module")
+def predictor():
+    """The server's model, in this process."""
+    from ultrasam.checkpoint import load_model
+    from ultrasam.predictor import Predictor
+
+    loaded = load_model(SHIPPED_MODEL)
+    return Predictor(loaded.model, device="cpu", mode=loaded.info["postprocess"])
+
+
+def reference(predictor, voxels, prompts, propagate):
     """The core's own answer in this process, for the same model, volume and prompts."""
     from ultrasam.batch import segment_volume
-    from ultrasam.checkpoint import load_model
     from ultrasam.geometry import Geometry, Volume
-    from ultrasam.predictor import Predictor
     from ultrasam.prompts3d import VolumePrompts
     from ultrasam.propagation import StopRules
 
-    loaded = load_model(SHIPPED_MODEL)
-    predictor = Predictor(loaded.model, device="cpu", mode=loaded.info["postprocess"])
     volume = Volume(voxels, Geometry(*identity_geometry()))
     volume_prompts = VolumePrompts(prompts["points"], prompts["labels"], prompts["frame"])
     mask, _ = segment_volume(volume, predictor, volume_prompts, 0, propagate, rules=StopRules(**NEVER_STOP))
     return mask
 
 
-def test_a_click_and_a_propagation_give_the_cores_masks_and_send_only_changed_slices(server):
+def test_a_click_and_a_propagation_give_the_cores_masks_and_send_only_changed_slices(server, predictor):
     voxels = tube_volume(9)
     session = server.client.open_volume(voxels, *identity_geometry(), "tube")
     click = session.start(centre_click(voxels), rules=NEVER_STOP, wait=5.0)
     assert click.state == "done" and click.summary.startswith("1 slice(s) segmented")
-    np.testing.assert_array_equal(session.mask, reference(voxels, centre_click(voxels), propagate=False))
+    np.testing.assert_array_equal(session.mask, reference(predictor, voxels, centre_click(voxels), propagate=False))
 
     session.start(centre_click(voxels), propagate=True, rules=NEVER_STOP)
     answer = server.client.request("GET", f"/sessions/{session.id}/run?base={session.version}&wait=5")
     assert answer["state"] == "done"
     assert 4 not in answer["masks"]["indices"]  # the clicked slice did not change: not sent again
     session._take(answer)
-    np.testing.assert_array_equal(session.mask, reference(voxels, centre_click(voxels), propagate=True))
+    np.testing.assert_array_equal(session.mask, reference(predictor, voxels, centre_click(voxels), propagate=True))
     full = server.client.request("GET", f"/sessions/{session.id}/mask")
     np.testing.assert_array_equal(apply_slices(np.zeros_like(session.mask), full["masks"]), session.mask)
     session.close()
@@ -168,17 +174,15 @@ def test_a_server_beyond_loopback_refuses_to_start_without_a_token():
     assert "give a token" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_tokens_are_compared_in_constant_time_and_no_operation_touches_a_named_file(monkeypatch, tmp_path):
+def test_tokens_are_compared_in_constant_time_and_no_operation_touches_a_named_file(monkeypatch, tmp_path,
+                                                                                    predictor):
     # In-process app (Starlette's test client), so that every compare and every file open is seen.
     from fastapi.testclient import TestClient
 
     from ultrasam import server as server_module
-    from ultrasam.checkpoint import load_model
-    from ultrasam.predictor import Predictor
     from ultrasam.volume_embeddings import VolumeEmbeddingCache
 
-    loaded = load_model(SHIPPED_MODEL)
-    engine = server_module.Engine(VolumeEmbeddingCache(Predictor(loaded.model, device="cpu", mode="refine")), "m")
+    engine = server_module.Engine(VolumeEmbeddingCache(predictor), "m")
     compared = []
     real_compare = server_module.hmac.compare_digest
     monkeypatch.setattr(server_module.hmac, "compare_digest", lambda a, b: compared.append(1) or real_compare(a, b))

@@ -302,7 +302,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     args.input, args.time_frame, args.report = str(SAMPLE_VOLUME), None, None
     args.point, args.negative, args.box, args.roi = [list(SAMPLE_POINT_RAS)], [], [], []
-    args.frame, args.propagate, args.span = "ras", True, None
+    args.frame, args.propagate, args.span, args.server = "ras", True, None, None
     print(f"demo: {SAMPLE_VOLUME.name} (RESECT case 3, CC BY 4.0), one click at RAS {SAMPLE_POINT_RAS}")
     return _run_segment(args)
 
