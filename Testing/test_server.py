@@ -166,13 +166,17 @@ def test_kill_9_mid_propagation_loses_nothing_and_the_module_logic_restarts_the_
         client.info()
 
 
-def test_a_server_beyond_loopback_refuses_to_start_without_a_token():
-    command = [sys.executable, "-m", "ultrasam.cli", "serve", "--host", "0.0.0.0", "--checkpoint", str(SHIPPED_MODEL)]
-    env = {k: v for k, v in os.environ.items() if k != "ULTRASAM_TOKEN"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 2
-    assert "give a token" in done.stderr and "Traceback" not in done.stderr
+def test_a_server_beyond_loopback_refuses_to_start_without_a_token(monkeypatch, capsys):
+    from ultrasam import server as server_module
+    from ultrasam.cli import main
 
+    monkeypatch.delenv("ULTRASAM_TOKEN", raising=False)
+    monkeypatch.setattr(server_module, "serve", lambda *args, **kwargs: pytest.fail("it served"))
+    assert main(["serve", "--host", "0.0.0.0", "--checkpoint", str(SHIPPED_MODEL)]) == 2
+    error = capsys.readouterr().err
+    assert "--host 0.0.0.0" in error and "give a token" in error and "Traceback" not in error
+    assert main(["serve", "--host", "::1", "--checkpoint", "/nonexistent.pth"]) == 2  # loopback: no token needed
+    assert "give a token" not in capsys.readouterr().err  # (it got as far as the missing checkpoint)
 
 def test_tokens_are_compared_in_constant_time_and_no_operation_touches_a_named_file(monkeypatch, tmp_path,
                                                                                     predictor):
@@ -301,7 +305,8 @@ def test_the_slicer_side_and_the_client_import_no_model_code():
     code = ("import sys; import ultrasam.client, ultrasam.wire, UltraSamSlicerLib.engine, UltraSamSlicerLib.models, "
             "UltraSamSlicerLib.mrml_bridge; print(sorted(m for m in ('torch', 'segment_anything', 'fastapi') "
             "if m in sys.modules))")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(root, "UltraSamSlicer"), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([os.path.join(root, "UltraSamSlicer"), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

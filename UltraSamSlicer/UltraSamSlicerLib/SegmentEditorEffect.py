@@ -4,9 +4,10 @@ A thin Qt layer. Clicks, drags and markups become world-RAS prompts (:mod:`mrml_
 model runs in ``ultrasam serve``, a separate process (:mod:`UltraSamSlicerLib.engine`), which turns
 them into a (K, J, I) mask; the effect only makes short calls from the main thread: a run is
 started, then a ``QTimer`` polls it and does all MRML work. If the server dies, the preview and the
-segment stay as they were, and the next prompt starts it again. The result is shown in a separate preview segmentation and reaches the edited
-segment only through ``modifySelectedSegmentByLabelmap``, after one ``saveStateForUndo``, so
-masking, overwrite rules and the editor's undo/redo apply.
+segment stay as they were, and the next prompt starts it again. The result is shown in a separate
+preview segmentation and reaches the edited segment only through
+``modifySelectedSegmentByLabelmap``, after one ``saveStateForUndo``, so masking, overwrite rules and
+the editor's undo/redo apply.
 
 Slicer APIs used here (all in Slicer 5.8): ``AbstractScriptedSegmentEditorEffect`` and the
 ``qSlicerSegmentEditorAbstractEffect`` methods declared in qSlicerSegmentEditorAbstractEffect.h
@@ -59,7 +60,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.axis = 0
         self.propagated = False
         self.result = None  # the preview's (K, J, I) uint8 mask
-        self.boxes = {}  # (axis, slice index) -> SliceBox in world RAS
+        self.boxes = {}  # (axis, slice index) -> two opposite corners of a box, world RAS
         self.undoStack = []  # callables removing the most recent click or box
         self.drag = None
         self.rubberBands = {}

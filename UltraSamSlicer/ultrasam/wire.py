@@ -64,14 +64,16 @@ def decode_volume(body: bytes, max_voxel_bytes: int) -> tuple[dict, np.ndarray]:
     size = int(np.prod(shape)) * dtype.itemsize
     if size > max_voxel_bytes:
         raise WireError(f"volume of {size / 2**20:.0f} MiB exceeds the server's limit of "
-                        f"{max_voxel_bytes / 2**20:.0f} MiB: crop it, or start the server with a larger --max-upload-mib")
+                        f"{max_voxel_bytes / 2**20:.0f} MiB: crop it, or start the server with a larger "
+                        "--max-upload-mib")
     inflater = zlib.decompressobj()
     try:
         raw = inflater.decompress(body[8 + length:], size + 1)  # bounded: a zip bomb stops here
     except zlib.error as error:
         raise WireError(f"volume voxels are not zlib data ({error})") from None
     if len(raw) != size or not inflater.eof:
-        raise WireError(f"volume voxels hold {len(raw)} bytes (or more); shape {list(shape)} {dtype.name} needs {size}")
+        raise WireError(f"volume voxels hold {len(raw)} bytes (or more); shape {list(shape)} {dtype.name} "
+                        f"needs {size}")
     return header, np.frombuffer(raw, dtype).reshape(shape)
 
 
