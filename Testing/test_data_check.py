@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ultrasam_training.check import check_dataset, main
-from ultrasam_training.coco import CocoDataset, DataError
+from ultrasam_data.check import check_dataset, main
+from ultrasam_data.coco import CocoDataset, DataError
 
 SQUARE = [[2, 2, 8, 2, 8, 8, 2, 8]]
 

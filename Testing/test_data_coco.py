@@ -10,7 +10,7 @@ from conftest import shared_path
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ultrasam_training.coco import CocoDataset, annotation_files, image_group, to_rle
+from ultrasam_data.coco import CocoDataset, annotation_files, image_group, to_rle
 
 
 def write_coco(folder, images, annotations, name="toy__coco.json"):

@@ -15,9 +15,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from ultrasam_training.converters import convert_layout, convert_volumes, pair_folders
-from ultrasam_training.public_2d import convert_busbra, convert_hc18
-from ultrasam_training.writer import CocoWriter
+from ultrasam_data.converters import convert_layout, convert_volumes, pair_folders
+from ultrasam_data.public_2d import convert_busbra, convert_hc18
+from ultrasam_data.writer import CocoWriter
 
 
 def load(root, dataset, subset=""):
@@ -200,7 +200,7 @@ def test_segthy_and_microseg_layouts_pair_rotate_and_clear_outside_the_field_of_
 
 
 def test_frames_command_cuts_a_2d_time_sequence_frame_by_frame(tmp_path, capsys):
-    from ultrasam_training.convert import main
+    from ultrasam_data.convert import main
 
     frames = np.zeros((5, 10, 12), np.uint8)  # (T, H, W), SimpleITK's x, y, t file
     frames[[0, 2, 3], 4:7, 3:9] = 1

@@ -12,7 +12,7 @@ from pycocotools.coco import COCO
 
 from ultrasam.geometry import Geometry, Volume
 from ultrasam.slicing import VolumeSlices
-from ultrasam_training.slicer_export import SegmentedVolume, export_segmentations
+from ultrasam_data.slicer_export import SegmentedVolume, export_segmentations
 
 GEOMETRY = Geometry(origin_lps=[10.0, -5.0, 3.0], spacing=[0.5, 0.8, 2.0],
                     direction_lps=[[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])

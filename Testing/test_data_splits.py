@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ultrasam_training.coco import CocoDataset, ImageRecord
-from ultrasam_training.splits import split_dataset, write_split
+from ultrasam_data.coco import CocoDataset, ImageRecord
+from ultrasam_data.splits import split_dataset, write_split
 
 
 def fake_dataset(groups_per_dataset: dict[str, list[int]]) -> CocoDataset:

@@ -21,7 +21,7 @@ from ultrasam.evaluation import dice, evaluate_images, evaluate_volume, inscribe
 from ultrasam.evaluation_data import open_sources, read_volume_pair, volume_set
 from ultrasam.evaluation_report import markdown, summarise
 from ultrasam.slicing import VolumeSlices
-from ultrasam_training.writer import CocoWriter
+from ultrasam_data.writer import CocoWriter
 
 
 def run_cli(argv: list[str]) -> int:

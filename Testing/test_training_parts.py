@@ -16,7 +16,7 @@ from ultrasam.checkpoint import CheckpointError, SamConfig, sam_from_config
 from ultrasam_training import config as cfg
 from ultrasam_training.losses import best_candidate, dice_loss, focal_loss, mask_dice, mask_iou, sam_loss
 from ultrasam_training.model_init import load_usfmae_encoder
-from ultrasam_training.coco import DataError
+from ultrasam_data.coco import DataError
 from ultrasam_training.prepare import PrepareOptions, PreparedDataset, StepBatches, low_res_target, resized_hw
 from ultrasam_training.prompts import (Prompts, centroid_points, fixed_prompts, jitter_boxes, mask_boxes,
                                        random_points, sample_prompts)

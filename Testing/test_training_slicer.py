@@ -43,6 +43,7 @@ def test_the_trainer_process_gets_both_libraries_on_its_path(module):
 
     folders = [Path(p) for p in module.UltraSamTrainingLogic.childEnv()["PYTHONPATH"].split(os.pathsep)]
     assert any((folder / "ultrasam" / "checkpoint.py").is_file() for folder in folders)
+    assert any((folder / "ultrasam_data" / "coco.py").is_file() for folder in folders)
     assert any((folder / "ultrasam_training" / "trainer.py").is_file() for folder in folders)
 
 

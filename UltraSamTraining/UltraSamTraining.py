@@ -51,7 +51,7 @@ class UltraSamTrainingLogic(ScriptedLoadableModuleLogic):
         """Images, objects and skipped annotations per data set, from the COCO files alone (fast)."""
         from collections import Counter
 
-        from ultrasam_training.coco import CocoDataset
+        from ultrasam_data.coco import CocoDataset
 
         dataset = CocoDataset(sources)
         images = Counter(record.dataset for record in dataset.records)
@@ -69,7 +69,7 @@ class UltraSamTrainingLogic(ScriptedLoadableModuleLogic):
         """Write every segmentation of the scene, on its reference volume, as one US-43d data set."""
         from UltraSamSlicerLib.mrml_bridge import volume_from_node
 
-        from ultrasam_training.slicer_export import SegmentedVolume, export_segmentations
+        from ultrasam_data.slicer_export import SegmentedVolume, export_segmentations
 
         items = []
         role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
+from collections.abc import Mapping
+from importlib import metadata
 from typing import Sequence
 
 import numpy as np
 
-from ultrasam.device import PRECISIONS
-from ultrasam.predictor import MODES
+from ultrasam.model_options import add_model_options, predictor_from_args
 from ultrasam.propagation import StopRules
 
 EXAMPLES = """\
@@ -46,20 +46,20 @@ examples:
 """
 
 
-# Commands of the training library, handed their own arguments (each has its own --help).
-DELEGATED = {
-    "train": ("ultrasam_training.cli", "configure, run, launch, watch and stop training jobs"),
-    "convert": ("ultrasam_training.convert", "convert data sets (BUS-BRA, HC18, 3D volumes) to US-43d's COCO layout"),
-    "check-data": ("ultrasam_training.check", "report missing files and bad masks in a COCO data set"),
-}
+# Commands other packages add (pyproject.toml: [project.entry-points."ultrasam.commands"]): the
+# entry point's name is the command, its object a ``main(argv) -> int`` that parses its own arguments.
+COMMAND_GROUP = "ultrasam.commands"
+DESCRIPTION = "UltraSam: SAM trained on ultrasound, for images and 3D volumes."
+NO_REGISTERED_COMMANDS = ("\n  none found; installing this project (pip install -e .) registers train, convert "
+                          "and check-data")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in DELEGATED:
-        module = importlib.import_module(DELEGATED[argv[0]][0])
-        return module.main(argv[1:])
-    parser = build_parser()
+    registered = registered_commands()
+    if argv and argv[0] in registered:
+        return registered[argv[0]].load()(argv[1:])
+    parser = build_parser(registered)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -69,16 +69,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def registered_commands() -> dict[str, metadata.EntryPoint]:
+    """Command name -> entry point (not loaded yet) of every command installed packages register."""
+    try:
+        entries = metadata.entry_points(group=COMMAND_GROUP)
+    except TypeError:  # Python 3.9: no selection; a dict of group -> entry points
+        entries = metadata.entry_points().get(COMMAND_GROUP, ())
+    commands: dict[str, metadata.EntryPoint] = {}
+    for entry in entries:
+        commands.setdefault(entry.name, entry)  # the first on sys.path wins, as for imports
+    return commands
+
+
+def build_parser(registered: Mapping[str, metadata.EntryPoint] | None = None) -> argparse.ArgumentParser:
     from ultrasam.evaluation import add_evaluate_parser
 
-    training = "".join(f"\n  {name:<12}{text}" for name, (_, text) in DELEGATED.items())
-    parser = argparse.ArgumentParser(
-        prog="ultrasam", description="UltraSam: SAM trained on ultrasound, for images and 3D volumes."
-        f"\n\ntraining commands (see `ultrasam <command> --help`):{training}",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(required=True, metavar="command")
+    parser = _Parser(registered_commands() if registered is None else registered, prog="ultrasam",
+                     description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(required=True, metavar="command", parser_class=argparse.ArgumentParser)
     _add_segment(commands)
     _add_batch(commands)
     _add_info(commands)
@@ -87,19 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(commands)
     add_evaluate_parser(commands)
     return parser
-
-
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--checkpoint", help="UltraSam, SAM, MedSAM or UltraSamTraining checkpoint "
-                        "(default: the downloaded UltraSam weights, see `ultrasam download`; without them, "
-                        "the compact model shipped with this package)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="image encoder numerics; auto: bf16 where the hardware has it (GPU, recent CPUs)")
-    parser.add_argument("--mode", choices=("auto", *MODES), default="auto",
-                        help="inference rules: ultrasam (UltraSam's two passes and post-processing), sam "
-                        "(SamPredictor's), refine (UltraSam's two passes, SAM's post-processing: models "
-                        "trained with ultrasam-train); auto: what the checkpoint calls for")
 
 
 def _add_server_option(parser: argparse.ArgumentParser) -> None:
@@ -359,26 +354,27 @@ def _volume_prompts(args: argparse.Namespace, is_2d: bool):
     return prompts
 
 
-def predictor_from_args(args: argparse.Namespace):
-    """The model named on the command line, else the downloaded UltraSam weights, else the compact
-    model shipped with the package; wrapped in a Predictor, with a description."""
-    from ultrasam.checkpoint import load_model
-    from ultrasam.download import cached_official_weights
-    from ultrasam.predictor import Predictor
-    from ultrasam.resources import SHIPPED_MODEL, SHIPPED_MODEL_NOTICE
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser; its help also lists the registered commands, loaded only then."""
 
-    path = args.checkpoint or cached_official_weights() or SHIPPED_MODEL
-    if path == SHIPPED_MODEL and not path.is_file():  # a package installed without its data folder
-        raise ValueError("no model: pass --checkpoint FILE (UltraSam, SAM or MedSAM weights), "
-                         "or run `ultrasam download` once to fetch the official UltraSam weights")
-    loaded = load_model(path)
-    mode = args.mode if args.mode != "auto" else loaded.info["postprocess"]
-    predictor = Predictor(loaded.model, device=args.device, mode=mode, precision=args.precision)
-    description = f"{path} ({loaded.info['architecture']}, {loaded.kind} weights, {mode} rules, {predictor.device})"
-    if path == SHIPPED_MODEL:
-        description = (f"{SHIPPED_MODEL_NOTICE}. For UltraSam run `ultrasam download` once (needs internet) "
-                       f"or pass --checkpoint. {description}")
-    return predictor, description
+    def __init__(self, registered: Mapping[str, metadata.EntryPoint], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.registered = registered
+
+    def format_help(self) -> str:
+        listing = "".join(f"\n  {name:<12}{_summary(entry)}" for name, entry in self.registered.items())
+        self.description = (f"{DESCRIPTION}\n\nmore commands, from other packages (see `ultrasam <command> "
+                            f"--help`):{listing or NO_REGISTERED_COMMANDS}")
+        return super().format_help()
+
+
+def _summary(entry: metadata.EntryPoint) -> str:
+    """First line of a registered command's docstring; a command that fails to load is named."""
+    try:
+        command = entry.load()
+    except Exception as error:  # another package's failure must leave `ultrasam --help` working
+        return f"cannot be loaded ({entry.value}: {error})"
+    return (command.__doc__ or "").strip().split("\n")[0]
 
 
 class _progress:

@@ -103,7 +103,7 @@ def evaluate_images(samples: Iterable, predictor: Predictor | None, total: int |
 
     Args:
         samples: objects with ``image`` ((H, W[, 3]) uint8), ``masks`` ((N, H, W) bool),
-            ``boxes_xyxy`` ((N, 4)), ``dataset`` and ``path`` (e.g. ``ultrasam_training.coco.Sample``).
+            ``boxes_xyxy`` ((N, 4)), ``dataset`` and ``path`` (e.g. ``ultrasam_data.coco.Sample``).
         predictor: the model, or None for the ellipse baseline alone.
         total: number of samples, for the progress bar.
 
@@ -207,7 +207,7 @@ examples:
 
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``evaluate`` on the ``ultrasam`` command's subparsers."""
-    from ultrasam.cli import add_model_options
+    from ultrasam.model_options import add_model_options
     from ultrasam.evaluation_data import SPLITS
 
     parser = subparsers.add_parser(
@@ -237,7 +237,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate, write ``results.json``, ``results.md`` and ``dice.png``, print the table."""
-    from ultrasam.cli import predictor_from_args  # the CLI's choice of model and mode, so results match it
+    from ultrasam.model_options import predictor_from_args  # the CLI's choice of model, so results match it
     from ultrasam.evaluation_data import ImageSet, open_sources
     from ultrasam.evaluation_report import summarise, write_results
 

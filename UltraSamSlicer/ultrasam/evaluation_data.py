@@ -5,14 +5,14 @@ A source is one of:
 - a COCO file in US-43d's style (class-agnostic, RLE / Python-repr RLE / polygon masks);
 - a US-43d folder (``<dataset>/annotations/[<split>.]<dataset>__coco.json``), read per ``split``;
 - a raw BUS-BRA folder (``5-fold-cv.csv``) or HC18 folder (``pixel_size_and_HC.csv``), converted
-  first with ``ultrasam_training``'s converters, so evaluation sees exactly what training sees:
+  first with the data layer's converters (``ultrasam_data``), so evaluation sees exactly what training sees:
   BUS-BRA fold 1 becomes ``test.BUSBRA__coco.json`` (UltraSam's test split), HC18's outlines are
   filled and checked against the CSV;
 - a folder with ``images/`` and ``labels/`` volumes paired by file name (3D; a 4D label file is a
   stack of structures, one per channel).
 
-Every connected component of a label is one object, as in US-43d. Reading COCO files needs the
-``ultrasam_training`` package (installed with this project), imported only here.
+Every connected component of a label is one object, as in US-43d. COCO files, converters and volume
+pairs come from the data layer (``ultrasam_data``), the same readers training uses.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class ImageSet:
 
     Attributes:
         name: data set name (US-43d's, e.g. ``BUSBRA``).
-        records: ``ultrasam_training.coco.ImageRecord`` of every usable image, in file order.
+        records: ``ultrasam_data.coco.ImageRecord`` of every usable image, in file order.
         files: the annotation files read.
         dropped: problem kind -> annotations or images of those files left out as unusable.
     """
@@ -53,8 +53,8 @@ class ImageSet:
         return len(self.records[:limit])
 
     def samples(self, limit: int | None = None) -> Iterator:
-        """``ultrasam_training.coco.Sample`` of the first ``limit`` images (all objects), loaded lazily."""
-        from ultrasam_training.coco import read_sample
+        """``ultrasam_data.coco.Sample`` of the first ``limit`` images (all objects), loaded lazily."""
+        from ultrasam_data.coco import read_sample
 
         for record in self.records[:limit]:
             yield read_sample(record, record.rles)
@@ -67,7 +67,7 @@ class ImageSet:
 
 @dataclass
 class VolumeSet:
-    """Image volumes paired with label volumes (``ultrasam_training.converters.VolumePair``)."""
+    """Image volumes paired with label volumes (``ultrasam_data.converters.VolumePair``)."""
 
     name: str
     pairs: list
@@ -124,7 +124,7 @@ def open_sources(paths: Sequence[str | os.PathLike], split: str = "auto",
 
 def split_files(root: Path, split: str) -> list[Path]:
     """Annotation files of one split under a US-43d folder (see :func:`open_sources`)."""
-    from ultrasam_training.coco import ANNOTATION_NAME, annotation_files
+    from ultrasam_data.coco import ANNOTATION_NAME, annotation_files
 
     if split == "auto":
         def by_dataset(files: list[Path]) -> dict:
@@ -142,7 +142,7 @@ def split_files(root: Path, split: str) -> list[Path]:
 
 def image_sets(files: Sequence[Path]) -> list[ImageSet]:
     """Read COCO files; one :class:`ImageSet` per data set named in them."""
-    from ultrasam_training.coco import read_annotation_file
+    from ultrasam_data.coco import read_annotation_file
 
     sets: dict[str, ImageSet] = {}
     for path in files:
@@ -164,16 +164,16 @@ def image_sets(files: Sequence[Path]) -> list[ImageSet]:
 
 def convert_raw(kind: str, source: Path, work_dir: Path) -> Path:
     """Converted data set folder of a raw BUS-BRA or HC18 folder (reused if ``work_dir`` has it)."""
-    from ultrasam_training.convert import DEFAULT_NAMES, summary
-    from ultrasam_training.public_2d import convert_busbra, convert_hc18
-    from ultrasam_training.writer import CocoWriter
+    from ultrasam_data.convert import DEFAULT_NAMES, summary
+    from ultrasam_data.public_2d import convert_busbra, convert_hc18
+    from ultrasam_data.writer import CocoWriter
 
     name = DEFAULT_NAMES[kind]
     target = work_dir / name
     if target.is_dir():
         print(f"{source}: using the conversion already in {target} (delete it to convert again)", file=sys.stderr)
         return target
-    print(f"{source}: converting {kind} with ultrasam_training into {target}", file=sys.stderr)
+    print(f"{source}: converting {kind} into {target}", file=sys.stderr)
     converter = convert_busbra if kind == "busbra" else convert_hc18
     with CocoWriter(work_dir, name) as writer:
         converter(source, writer)
@@ -183,7 +183,7 @@ def convert_raw(kind: str, source: Path, work_dir: Path) -> Path:
 
 def volume_set(folder: Path) -> VolumeSet:
     """Volumes of ``folder/images`` paired by file name with ``folder/labels``."""
-    from ultrasam_training.converters import pair_folders
+    from ultrasam_data.converters import pair_folders
 
     return VolumeSet(folder.name, pair_folders(folder / "images", folder / "labels"), folder)
 
@@ -191,7 +191,7 @@ def volume_set(folder: Path) -> VolumeSet:
 def read_volume_pair(pair, channel: int = 0):
     """(image Volume, (K, J, I) bool structure ``channel`` of the label file) of one pair."""
     from ultrasam.volume_io import read_volume
-    from ultrasam_training.converters import label_channels, read_array
+    from ultrasam_data.converters import label_channels, read_array
 
     volume = read_volume(pair.image)
     channels = label_channels(read_array(pair.label), volume.shape_kji, pair.label)

@@ -23,6 +23,7 @@ from ultrasam_training import config as config_module
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Configure, run, launch, watch and stop training jobs (the `ultrasam-train` command)."""
     args = _parser().parse_args(argv)
     try:
         return args.run(args)
@@ -120,7 +121,7 @@ def _stop(args) -> int:
 
 
 def _split(args) -> int:
-    from ultrasam_training.splits import write_split
+    from ultrasam_data.splits import write_split
 
     for path in write_split(args.annotation_file, args.val_fraction, args.seed, args.by):
         print(path)

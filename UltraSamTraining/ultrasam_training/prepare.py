@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ultrasam_training.coco import DataError
+from ultrasam_data.coco import DataError
 from ultrasam_training.prompts import Prompts, fixed_prompts, sample_prompts
 
 
@@ -162,7 +162,7 @@ class PreparedDataset(torch.utils.data.Dataset):
                 warnings.warn(f"skipped an unreadable sample: {error}", stacklevel=2)
                 continue
             return prepare(sample, self.options, torch.Generator().manual_seed(seed))
-        raise DataError("no readable image", "every sample failed to load; run `python -m ultrasam_training.check`")
+        raise DataError("no readable image", "every sample failed to load; run `python -m ultrasam_data.check`")
 
 
 def collate(items: list[Item]) -> list[Item]:

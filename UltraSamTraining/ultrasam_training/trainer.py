@@ -30,13 +30,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ultrasam.checkpoint import atomic_torch_save, save_checkpoint
 from ultrasam.fast_attention import accelerate_image_encoder
-from ultrasam_training.coco import CocoDataset
+from ultrasam_data.coco import CocoDataset
+from ultrasam_data.splits import split_dataset
 from ultrasam_training.config import DataConfig, TrainConfig, save_config
 from ultrasam_training.evaluate import evaluate
 from ultrasam_training.model_init import build_model
 from ultrasam_training.prepare import PrepareOptions, PreparedDataset, StepBatches, collate
 from ultrasam_training.runlog import RunLog
-from ultrasam_training.splits import split_dataset
 from ultrasam_training.step import TrainingModel
 
 RESUME_FILE = "resume.pt"

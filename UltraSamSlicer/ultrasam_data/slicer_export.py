@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from ultrasam.geometry import Geometry, Volume
-from ultrasam_training.converters import slice_volume
-from ultrasam_training.writer import CocoWriter
+from ultrasam_data.converters import slice_volume
+from ultrasam_data.writer import CocoWriter
 
 DEFAULT_DATASET = "SlicerSegmentations"
 

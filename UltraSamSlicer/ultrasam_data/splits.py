@@ -1,4 +1,4 @@
-"""Train / validation splits of a :class:`~ultrasam_training.coco.CocoDataset`, per data set.
+"""Train / validation splits of a :class:`~ultrasam_data.coco.CocoDataset`, per data set.
 
 - ``by="image"``: UltraSam's split: each data set's images shuffled, ``val_fraction`` of them to
   validation. Neighbouring slices of one volume then land on both sides, so validation scores
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ultrasam.atomic import write_text_atomic
-from ultrasam_training.coco import ANNOTATION_NAME, CocoDataset
+from ultrasam_data.coco import ANNOTATION_NAME, CocoDataset
 
 SPLIT_KINDS = ("group", "image")
 

@@ -27,7 +27,7 @@ import SimpleITK as sitk
 from PIL import Image
 from tqdm import tqdm
 
-from ultrasam_training.writer import CocoWriter
+from ultrasam_data.writer import CocoWriter
 
 HC18_TOLERANCE = 0.05  # measured: the filled masks of the 400 shared images agree within 1.8 %
 

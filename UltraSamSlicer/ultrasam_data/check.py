@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from ultrasam_training.coco import CocoDataset, DataError, Problem, read_sample
+from ultrasam_data.coco import CocoDataset, DataError, Problem, read_sample
 
 
 @dataclass
@@ -79,7 +79,7 @@ def check_dataset(dataset: CocoDataset, progress: bool = True) -> CheckReport:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print the check report of COCO files / US-43d folders; exit 1 when nothing is usable."""
+    """Report missing files and bad masks in COCO data sets; exit 1 when nothing is usable."""
     parser = argparse.ArgumentParser(
         prog="ultrasam check-data",
         description="Check training data (US-43d COCO layout): missing files, bad or empty masks, "

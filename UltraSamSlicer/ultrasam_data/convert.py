@@ -11,9 +11,9 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from ultrasam_training.converters import convert_layout, convert_volumes, pair_folders
-from ultrasam_training.public_2d import convert_busbra, convert_hc18
-from ultrasam_training.writer import CocoWriter
+from ultrasam_data.converters import convert_layout, convert_volumes, pair_folders
+from ultrasam_data.public_2d import convert_busbra, convert_hc18
+from ultrasam_data.writer import CocoWriter
 
 # UltraSam's data set names, so converted sets sit beside a downloaded US-43d without clashes.
 DEFAULT_NAMES = {"busbra": "BUSBRA", "hc18": "HC", "segthy": "segthy-dataset", "regpro": "regPro",
@@ -99,6 +99,7 @@ def summary(writer: CocoWriter) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Convert data sets (BUS-BRA, HC18, 3D volumes) to US-43d's COCO layout."""
     args = build_parser().parse_args(argv)
     name = args.name or DEFAULT_NAMES[args.kind]
     if not name:

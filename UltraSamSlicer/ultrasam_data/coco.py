@@ -12,7 +12,7 @@ Every annotation is parsed once when the data set is opened; those that cannot b
 segmentation, empty mask, outside the image, size mismatch, unknown image) are dropped and counted
 in :attr:`CocoDataset.problems` (see ``PROBLEM_KINDS``), so opening never fails on bad samples. Images without a usable
 annotation are dropped too. Image files are only opened by ``__getitem__`` (and by
-``ultrasam_training.check``, which also reports missing and mismatched files).
+``ultrasam_data.check``, which also reports missing and mismatched files).
 
 Groups (for grouped splits) come from the image record's ``group`` key (written by our
 converters), else from US-43d's file name ``<dataset>__<patient>__<procedure>__<n>.png``, else

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from ultrasam.intensity import to_uint8
 from ultrasam.slicing import axis_index
 from ultrasam.volume_io import full_suffix
-from ultrasam_training.writer import CocoWriter
+from ultrasam_data.writer import CocoWriter
 
 VOLUME_FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
