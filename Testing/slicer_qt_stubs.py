@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+import unittest
 from unittest import mock
 
 import slicer
@@ -34,9 +35,10 @@ def stub_qt_layer(monkeypatch):
     if importlib.util.find_spec("slicer.ScriptedLoadableModule") is None:
         base = type("Base", (), {"__init__": lambda self, *args: setattr(self, "parent", args[0] if args else None)})
         stub = types.ModuleType("slicer.ScriptedLoadableModule")
-        for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleWidget",
-                     "ScriptedLoadableModuleTest"):
+        for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleWidget"):
             setattr(stub, name, type(name, (base,), {}))
+        # Slicer's ScriptedLoadableModuleTest is a unittest.TestCase (Base/Python/slicer/ScriptedLoadableModule.py).
+        stub.ScriptedLoadableModuleTest = type("ScriptedLoadableModuleTest", (unittest.TestCase,), {})
         monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", stub)
     abstract = types.SimpleNamespace(ModificationModeSet=0, ModificationModeAdd=1)
     for name, value in (("app", mock.MagicMock(name="app")), ("qMRMLNodeComboBox", mock.MagicMock),
@@ -46,8 +48,8 @@ def stub_qt_layer(monkeypatch):
     monkeypatch.setattr(slicer.util, "showStatusMessage", lambda *args: None)
     interaction = slicer.vtkMRMLInteractionNode()  # mouse mode: "view transform", no markups placement
     slicer.app.applicationLogic.return_value.GetInteractionNode.return_value = interaction
-    for name in ("UltraSamSlicer", "UltraSamSlicerLib.SegmentEditorEffect"):
+    for name in ("UltraSamSlicer", "UltraSamSegmentEditorEffect"):
         sys.modules.pop(name, None)
     yield
-    for name in ("UltraSamSlicer", "UltraSamSlicerLib.SegmentEditorEffect"):
+    for name in ("UltraSamSlicer", "UltraSamSegmentEditorEffect"):
         sys.modules.pop(name, None)

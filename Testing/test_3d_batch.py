@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from test_3d_fakes import MRUS3D, RESECT_CASE3, micro_sam, needs_mrus3d, needs_resect
+from test_3d_fakes import MRUS3D, RESECT_CASE3, micro_sam, needs_mrus3d
 from ultrasam.batch import read_prompts_file, run_batch, segment_volume
 from ultrasam.predictor import Predictor
 from ultrasam.prompts3d import VolumePrompts
@@ -22,7 +22,6 @@ def predictor():
     return Predictor(micro_sam(), device="cpu")
 
 
-@needs_resect
 def test_one_point_with_propagation_on_resect_writes_a_mask_in_the_input_geometry(tmp_path, predictor):
     image = sitk.ReadImage(str(RESECT_CASE3))
     lps = image.TransformContinuousIndexToPhysicalPoint([120.0, 130.0, 140.2])

@@ -8,13 +8,12 @@ import json
 import numpy as np
 import SimpleITK as sitk
 
-from test_3d_fakes import MRUS3D, RESECT_CASE3, micro_sam, needs_mrus3d, needs_resect
+from test_3d_fakes import MRUS3D, RESECT_CASE3, micro_sam, needs_mrus3d
 from ultrasam.checkpoint import save_checkpoint
 from ultrasam.cli import main
 from ultrasam.volume_io import read_volume
 
 
-@needs_resect
 def test_segment_resect_with_one_point_and_propagation(tmp_path):
     checkpoint = str(save_checkpoint(tmp_path / "model.pth", micro_sam()))
     image = sitk.ReadImage(str(RESECT_CASE3))

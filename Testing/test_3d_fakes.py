@@ -14,15 +14,15 @@ import torch
 
 from ultrasam.checkpoint import SamConfig, sam_from_config
 from ultrasam.predictor import Prediction, Prompt2D
+from ultrasam.resources import SAMPLE_VOLUME
 from ultrasam.slicing import VolumeSlices
 from ultrasam.volume_io import read_volume
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MRUS3D = DATA / "mrus3d"
-RESECT_CASE3 = DATA / "resect3d" / "Case3.nii.gz"
+RESECT_CASE3 = SAMPLE_VOLUME  # ships in the package; sha256 equal to ../shared/data/resect3d/Case3.nii.gz
 
 needs_mrus3d = pytest.mark.skipif(not MRUS3D.is_dir(), reason=f"simulated prostate volumes not found at {MRUS3D}")
-needs_resect = pytest.mark.skipif(not RESECT_CASE3.is_file(), reason=f"RESECT volume not found at {RESECT_CASE3}")
 
 
 def prostate_cases() -> list[str]:

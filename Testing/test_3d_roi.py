@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from test_3d_fakes import RESECT_CASE3, needs_resect
+from test_3d_fakes import RESECT_CASE3
 from ultrasam.geometry import Geometry, Volume
 from ultrasam.prompts3d import Roi, VolumePrompts, roi_boxes, slice_prompts
 from ultrasam.slicing import VolumeSlices
@@ -109,7 +109,6 @@ def test_roi_beside_the_volume_prompts_nothing_and_roi_prompts_merge_with_points
     np.testing.assert_allclose(prompts[8].box_xyxy, [i_of(-20), j_of(5), i_of(-30), j_of(-5)])
 
 
-@needs_resect
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_roi_aligned_with_the_oblique_voxel_grid_is_a_box_of_constant_voxel_size(axis):
     image = sitk.ReadImage(str(RESECT_CASE3))

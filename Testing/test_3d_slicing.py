@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from test_3d_fakes import RESECT_CASE3, needs_resect
+from test_3d_fakes import RESECT_CASE3
 from ultrasam.geometry import Geometry, Volume
 from ultrasam.prompts3d import SliceBox, VolumePrompts, slice_prompts
 from ultrasam.slicing import VolumeSlices, axis_index
@@ -40,7 +40,6 @@ def ras_of_itk_index(image: sitk.Image, index) -> np.ndarray:
     return np.array([-left, -posterior, superior])
 
 
-@needs_resect
 @pytest.mark.parametrize("axis", [0, 1, 2])
 @pytest.mark.parametrize("index", RESECT_INDICES)
 def test_ras_point_on_oblique_volume_prompts_the_hand_computed_slice_and_pixel(resect, resect_slices, axis, index):
@@ -55,7 +54,6 @@ def test_ras_point_on_oblique_volume_prompts_the_hand_computed_slice_and_pixel(r
     np.testing.assert_allclose(prompts[int(np.rint(expected[0]))].points_xy[0], expected[1], atol=1e-6)
 
 
-@needs_resect
 @pytest.mark.parametrize("axis", ["k", "j", "i"])
 def test_mask_pixel_lands_on_the_voxel_under_the_point(resect, resect_slices, axis):
     image = resect[1]
@@ -74,7 +72,6 @@ def test_mask_pixel_lands_on_the_voxel_under_the_point(resect, resect_slices, ax
     assert np.all(np.abs(offset) <= 0.5 + 1e-6)
 
 
-@needs_resect
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_slice_images_are_the_numpy_slices_under_one_window(resect, resect_slices, axis):
     array = sitk.GetArrayFromImage(resect[1])  # (K, J, I)

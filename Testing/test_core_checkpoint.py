@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickletools
 import sys
+import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +15,8 @@ import pytest
 import torch
 from segment_anything import sam_model_registry
 
-from ultrasam.checkpoint import CheckpointError, load_model, save_checkpoint
-from ultrasam_layout import save_ultrasam_checkpoint, ultrasam_state_dict
+from ultrasam.checkpoint import CheckpointError, load_model, read_checkpoint_object, save_checkpoint
+from ultrasam_layout import mmengine_bookkeeping, runner_checkpoint, save_ultrasam_checkpoint, ultrasam_state_dict
 
 
 def _decoder_logits(model, embedding, points=None, boxes=None, masks=None, multimask=True):
@@ -30,19 +34,44 @@ def _prompts(grid: int):
             "mask input + box": {"boxes": boxes, "masks": masks}}
 
 
+@contextlib.contextmanager
+def mmengine_unimportable():
+    """While the loader runs, ``import mmengine`` (or any of its modules) fails: it must not need it."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [name for name in sys.modules if name.split(".")[0] == "mmengine"] + ["mmengine"]:
+            patch.setitem(sys.modules, name, None)
+        yield
+
+
+def _pickled_globals(path: Path) -> set[str]:
+    """The globals a torch zip checkpoint's pickle names (what the loader must resolve)."""
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(next(name for name in archive.namelist() if name.endswith("/data.pkl")))
+    return {" ".join(str(arg).split()) for opcode, arg, _ in pickletools.genops(data) if opcode.name == "GLOBAL"}
+
+
 def test_ultrasam_layout_matches_segment_anything(tmp_path, tiny_sam):
     path = tmp_path / "UltraSam.pth"
     save_ultrasam_checkpoint(tiny_sam.state_dict(), path)
-    assert "mmengine" not in sys.modules
-    raw = torch.load(path, map_location="cpu", weights_only=False, pickle_module=__import__("ultrasam.safe_pickle").safe_pickle)
+    # What mmengine writes and the loader must read without running it (ULTRASAM_FACTS.md).
+    assert {"__builtin__ getattr", "mmengine.logging.history_buffer HistoryBuffer", "collections Counter",
+            "collections OrderedDict", "_codecs encode"} <= _pickled_globals(path)
+    with mmengine_unimportable():
+        raw = read_checkpoint_object(path)
+        loaded = load_model(path)
+    assert list(raw) == ["meta", "state_dict", "message_hub", "param_schedulers"]
     assert len(raw["state_dict"]) == 293
     prefixes = [key.split(".")[0] for key in raw["state_dict"]]
     assert {p: prefixes.count(p) for p in set(prefixes)} == {
         "backbone": 177, "decoder": 68, "bbox_head": 36, "prompt_encoder": 12}
+    assert raw["meta"]["cfg"].startswith("default_hooks = dict(")
+    buffer = raw["message_hub"]["log_scalars"]["train/loss"]
+    assert sorted(buffer.state["statistics_methods"]) == ["current", "max", "mean", "min"]
+    assert repr(buffer.state["statistics_methods"]["min"]) == "<opaque mmengine.logging.history_buffer.HistoryBuffer.min>"
+    assert raw["param_schedulers"][1]["milestones"] == Counter({20000: 1, 28888: 1})
+    assert isinstance(raw["message_hub"]["runtime_info"]["best_score"], np.float64)
 
-    loaded = load_model(path)
     assert loaded.kind == "ultrasam" and loaded.is_ultrasam
-    assert "mmengine" not in sys.modules
     model = loaded.model
     image = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -73,6 +102,18 @@ def test_without_lin2_fix_the_logits_differ(tmp_path, tiny_sam):
     assert (logits - expected).abs().max() > 0.1 * expected.abs().max()
 
 
+def test_the_file_a_real_mmengine_runner_writes_loads(tmp_path, tiny_sam):
+    """Not re-saved: the very file ``Runner.save_checkpoint`` wrote loads, with the runner's
+    bookkeeping reported."""
+    path = runner_checkpoint(ultrasam_state_dict(tiny_sam.state_dict()), tmp_path / "work_dir")
+    with mmengine_unimportable():
+        loaded = load_model(path)
+    assert loaded.kind == "ultrasam" and loaded.info["iter"] == 3 and loaded.info["has_training_config"]
+    assert loaded.info["mmengine_version"].startswith("0.10.")
+    for name, tensor in tiny_sam.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor), name
+
+
 def test_full_size_ultrasam_checkpoint(tmp_path):
     """ViT-B at full size: every one of the 293 tensors lands on SAM's tensor exactly."""
     torch.manual_seed(0)
@@ -81,7 +122,7 @@ def test_full_size_ultrasam_checkpoint(tmp_path):
     save_ultrasam_checkpoint(reference.state_dict(), path)
     loaded = load_model(path)
     assert loaded.info["weight_count"] == 93_735_728
-    assert loaded.info["iter"] == 30000
+    assert loaded.info["iter"] == mmengine_bookkeeping()["meta"]["iter"]
     for name, tensor in reference.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], tensor), name
     embedding = torch.randn(1, 256, 64, 64)
@@ -147,7 +188,8 @@ def test_truncated_checkpoint(tmp_path, tiny_sam):
     save_checkpoint(path, tiny_sam)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated|download it again"):
+    with pytest.raises(CheckpointError, match=r"the checkpoint is truncated or damaged \(\d+ bytes: it starts as "
+                       r"torch's zip format but the archive's directory at its end is missing\); download it again"):
         load_model(path)
 
 

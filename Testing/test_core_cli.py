@@ -9,11 +9,11 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from conftest import shared_path
 from ultrasam.checkpoint import save_checkpoint
 from ultrasam.cli import main
+from ultrasam.resources import SAMPLE_VOLUME
 from ultrasam.volume_io import read_volume
-from ultrasam_layout import save_ultrasam_checkpoint
+from ultrasam_layout import mmengine_bookkeeping, save_ultrasam_checkpoint
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def test_segment_2d_png(tmp_path, checkpoint):
 def test_ras_point_segments_the_hand_computed_slice(tmp_path, checkpoint):
     """A RAS click on the oblique RESECT volume lands on the slice SimpleITK computes for it, and the
     written mask has the input's geometry."""
-    source = shared_path("resect3d", "Case3.nii.gz")
+    source = SAMPLE_VOLUME
     image = sitk.ReadImage(str(source))
     ijk = (100.0, 140.0, 77.0)
     lps = image.TransformContinuousIndexToPhysicalPoint(ijk)
@@ -54,7 +54,9 @@ def test_info(tmp_path, tiny_sam, capsys):
     save_ultrasam_checkpoint(tiny_sam.state_dict(), path)
     assert main(["info", str(path)]) == 0
     output = capsys.readouterr().out
-    assert "ultrasam checkpoint" in output and "iter: 30000" in output and "postprocess: ultrasam" in output
+    meta = mmengine_bookkeeping()["meta"]
+    assert "ultrasam checkpoint" in output and "postprocess: ultrasam" in output
+    assert f"iter: {meta['iter']}" in output and f"mmengine_version: {meta['mmengine_version']}" in output
 
 
 def test_help_has_examples(capsys):

@@ -1,4 +1,8 @@
-"""The official-weights download against a local HTTP server: progress, resume, integrity check."""
+"""The official-weights download against a local HTTP server: progress, resume, integrity check.
+
+The served file is in UltraSam.pth's exact layout, written with the real mmengine package
+(``ultrasam_layout``), so a download is accepted only if the loader reads what mmengine writes.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from ultrasam.checkpoint import CheckpointError
-from ultrasam.download import OFFICIAL_NAME, download_official_weights
+from ultrasam.cli import main
+from ultrasam.download import OFFICIAL_NAME, cached_official_weights, download_official_weights
 from ultrasam_layout import save_ultrasam_checkpoint
 
 
@@ -59,6 +64,25 @@ def test_resumes_an_interrupted_download(tmp_path, tiny_sam):
     assert path.read_bytes() == body
     assert server.ranges == [0, len(body) // 3]  # the second request asked only for the rest
     assert sorted(p.name for p in cache.iterdir()) == [OFFICIAL_NAME]
+
+
+def test_download_command_fetches_checks_and_keeps_ultrasam_weights(tmp_path, tiny_sam, capsys, monkeypatch):
+    source = tmp_path / "served.pth"
+    save_ultrasam_checkpoint(tiny_sam.state_dict(), source)
+    server = _Server(source.read_bytes())
+    cache = tmp_path / "cache"
+    try:
+        assert main(["download", "--cache-dir", str(cache), "--url", server.url]) == 0
+    finally:
+        server.close()
+    kept = cache / OFFICIAL_NAME
+    assert capsys.readouterr().out.strip() == str(kept)
+    assert kept.read_bytes() == source.read_bytes() and list(cache.iterdir()) == [kept]
+    monkeypatch.setenv("ULTRASAM_CACHE", str(cache))
+    assert cached_official_weights() == kept  # what segment/demo/Slicer pick up by default
+    assert main(["info", str(kept)]) == 0
+    output = capsys.readouterr().out
+    assert f"{kept}: ultrasam checkpoint" in output and "postprocess: ultrasam" in output
 
 
 def test_rejects_a_file_that_is_not_ultrasam(tmp_path):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import shared_path
 from ultrasam.geometry import Geometry, lps_to_ras
+from ultrasam.resources import SAMPLE_VOLUME
 
 
 def test_axis_aligned():
@@ -38,7 +38,7 @@ def test_oblique_rotation_by_hand():
 
 
 def test_oblique_resect_matches_simpleitk():
-    image = sitk.ReadImage(str(shared_path("resect3d", "Case3.nii.gz")))
+    image = sitk.ReadImage(str(SAMPLE_VOLUME))
     geometry = Geometry(image.GetOrigin(), image.GetSpacing(), np.reshape(image.GetDirection(), (3, 3)))
     assert not np.allclose(np.abs(geometry.direction_lps), np.eye(3), atol=0.1)  # really oblique
     rng = np.random.default_rng(0)

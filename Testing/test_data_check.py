@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,6 +66,8 @@ def test_training_on_the_checked_subset_never_meets_a_bad_sample(broken):
 
 
 def test_check_command_prints_the_report(broken, capsys):
-    assert main([str(broken / "data__coco.json")]) == 0
+    assert main([str(broken / "data__coco.json")]) == 1  # usable images, but missing and unreadable ones too
     assert "Usable: 1 images, 2 objects (data: 1)." in capsys.readouterr().out
     assert main([str(broken / "nowhere.json")]) == 2
+    clean = Path(__file__).resolve().parent / "fixtures" / "regression" / "HC" / "annotations" / "HC__coco.json"
+    assert main([str(clean)]) == 0 and "No problems found." in capsys.readouterr().out

@@ -87,9 +87,7 @@ def test_the_project_is_read_whole(project_imports):
 @pytest.mark.parametrize("rule", [
     CORE_TO_TRAINING,
     DATA_TO_TRAINING,
-    pytest.param(INTO_MODULE_FILE, marks=pytest.mark.xfail(strict=True, reason=(
-        "TEMPORARY, remove once #11-slicer is merged: the effect still reads its settings from "
-        "UltraSamSlicer.py"))),
+    INTO_MODULE_FILE,
     QT_FREE_TO_SLICER,
 ])
 def test_the_project_keeps_the_layer_rule(project_imports, rule):

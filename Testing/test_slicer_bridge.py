@@ -27,6 +27,7 @@ from UltraSamSlicerLib import mrml_bridge  # noqa: E402
 from ultrasam.session import SegmentationSession  # noqa: E402
 from ultrasam.predictor import Prediction  # noqa: E402
 from ultrasam.prompts3d import Roi, VolumePrompts  # noqa: E402
+from ultrasam.resources import SAMPLE_VOLUME as RESECT_CASE3  # noqa: E402
 
 SHAPE_KJI = (10, 14, 16)
 SPACING_IJK = np.array([0.6, 0.9, 1.5])
@@ -309,10 +310,6 @@ def test_unplaced_roi_and_missing_segment_raise_clear_errors(scene, volume_node,
         mrml_bridge.write_mask_to_segment(np.zeros(SHAPE_KJI), volume, segmentation_node, "nope")
 
 
-RESECT_CASE3 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "resect3d" / "Case3.nii.gz"
-
-
-@pytest.mark.skipif(not RESECT_CASE3.is_file(), reason=f"real RESECT volume not found at {RESECT_CASE3}")
 def test_slicers_reader_and_the_core_reader_agree_on_a_real_oblique_volume(scene):
     # Slicer reads NIfTI into RAS with its own ITK-based reader; the core reads it with SimpleITK in
     # LPS and converts. Same voxels at the same world positions, or a frame is wrong somewhere.

@@ -32,7 +32,8 @@ import vtk  # noqa: E402
 
 MODULE_DIR = Path(__file__).resolve().parents[1] / "UltraSamSlicer"
 sys.path[:0] = [str(MODULE_DIR), str(MODULE_DIR / "Testing" / "Python")]
-from slicer_test_fakes import InlineSession, ball  # noqa: E402
+from slicer_effect_loaders import load_like_slicer_5_10  # noqa: E402
+from slicer_test_fakes import InlineSession, ThresholdModel, ball  # noqa: E402
 from UltraSamSlicerLib import mrml_bridge  # noqa: E402
 
 SHAPE = (12, 16, 18)
@@ -78,6 +79,34 @@ class StubAdaptor:
 
     def confirmCurrentSegmentVisible(self):
         return self.ConfirmedWithoutDialog
+
+    # Effect parameters: attributes "<effect name>.<parameter>" of the segment editor node, as in
+    # qSlicerSegmentEditorAbstractEffect.cxx (setParameter, parameter, setParameterDefault; 5.8.1).
+    def setParameter(self, name, value):
+        attribute = f"{self.name}.{name}"
+        if self.editorNode.GetAttribute(attribute) == str(value):
+            return
+        modified = self.editorNode.GetDisableModifiedEvent()
+        self.editorNode.SetDisableModifiedEvent(1)
+        self.editorNode.SetAttribute(attribute, str(value))
+        self.editorNode.SetDisableModifiedEvent(modified)
+        self.editorNode.InvokeCustomModifiedEvent(slicer.vtkMRMLSegmentEditorNode.EffectParameterModified)
+
+    def parameterDefined(self, name):
+        return self.editorNode.GetAttribute(f"{self.name}.{name}") is not None
+
+    def setParameterDefault(self, name, value):
+        if not self.parameterDefined(name):
+            self.setParameter(name, value)
+
+    def parameter(self, name):
+        return self.editorNode.GetAttribute(f"{self.name}.{name}") or ""
+
+    def integerParameter(self, name):
+        return int(self.parameter(name))
+
+    def doubleParameter(self, name):
+        return float(self.parameter(name))
 
     def nodeReference(self, name):
         return self.references.get(name)
@@ -158,15 +187,17 @@ def effect(scene):
     editorNode.SetSelectedSegmentID("object")
     image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(volume)
 
-    module = importlib.import_module("UltraSamSlicerLib.SegmentEditorEffect")
-    effect = module.SegmentEditorEffect(StubAdaptor(editorNode, image))
+    effect_class = load_like_slicer_5_10(importlib.import_module("UltraSamSlicer").EFFECT_SOURCE)
+    effect = effect_class(StubAdaptor(editorNode, image))
     effect.setupOptionsFrame()
-    # The option widgets as a user left them (qt is stubbed, so give them real values).
-    effect.directionCombo = types.SimpleNamespace(currentText="both")
-    effect.rangeCheck = types.SimpleNamespace(checked=False)
-    effect.minIouSpin = types.SimpleNamespace(value=0.5)
-    effect.applyModeCombo = types.SimpleNamespace(currentIndex=0)  # "Add to segment"
+    # qt is stubbed: option widgets that hold values, as the editor shows them.
+    for name in ("directionCombo", "rangeCheck", "firstSpin", "lastSpin", "minIouSpin", "applyModeCombo"):
+        setattr(effect, name, types.SimpleNamespace(blockSignals=lambda blocked: False))
     effect.pointsSelector = effect.roiSelector = types.SimpleNamespace(currentNode=lambda: None)
+    effect.setMRMLDefaults()  # what the editor does when it gets its parameter node, and it then
+    editorNode.AddObserver(slicer.vtkMRMLSegmentEditorNode.EffectParameterModified,  # calls this on each change
+                           lambda caller, event: effect.updateGUIFromMRML())
+    effect.updateGUIFromMRML()
     effect.sessionFactory = InlineSession
     effect.activate()
     settle(effect)
@@ -353,12 +384,12 @@ def served(effect, tiny_sam, tmp_path, monkeypatch):
     """The effect on the real path: a local `ultrasam serve` child with a tiny checkpoint (this
     interpreter stands in for PythonSlicer); yields the settings the module would hold."""
     from ultrasam.checkpoint import save_checkpoint
-    from UltraSamSlicerLib import engine
+    from UltraSamSlicerLib import engine, model_settings
     from UltraSamSlicerLib.models import ModelSettings
 
     chosen = {"settings": ModelSettings(checkpoint=str(save_checkpoint(tmp_path / "first.pth", tiny_sam)),
                                         device="cpu")}
-    monkeypatch.setattr(type(effect), "modelSettings", staticmethod(lambda: chosen["settings"]))
+    monkeypatch.setattr(model_settings, "read", lambda: chosen["settings"])
     connection = engine.EngineConnection(sys.executable)
     monkeypatch.setattr(engine, "_ENGINE", connection)
     effect.engine, effect.sessionFactory = connection, None
@@ -416,6 +447,7 @@ def test_a_killed_server_leaves_preview_and_segment_as_they_were_and_the_next_pr
     assert effect.engine.starts == 2 and effect.session is not None
     assert preview_kji(effect, scene)  # a new preview from the new server
 
+
 def test_a_markups_roi_prompts_every_slice_it_crosses_and_resizing_it_reruns(effect, scene):
     ijk_to_world = PARENT @ IJK_TO_LOCAL
     spacing = np.linalg.norm(ijk_to_world[:3, :3], axis=0)
@@ -438,3 +470,200 @@ def test_a_markups_roi_prompts_every_slice_it_crosses_and_resizing_it_reruns(eff
     effect.runPrompts()
     settle(effect)
     assert preview_kji(effect, scene) == ball_voxels({6})
+
+
+@pytest.mark.parametrize("hovered", ["control point", "ROI handle"])
+def test_a_press_or_backspace_over_a_hovered_markups_point_or_handle_is_left_to_markups(effect, scene, hovered):
+    """The markups widget marks what the mouse hovers as the display node's active component
+    (vtkSlicerMarkupsWidget::ProcessMouseMove -> SetActiveComponent, mouse context ""); with it set,
+    the press (drag that point) and Backspace (delete it) must reach Markups, not add a prompt."""
+    view = k_plane_view(6)
+    xy = view.xyOf(world_of_kji(CENTER_KJI)[0])
+    click(effect, view, xy)  # one prompt, so Backspace would have something to undo
+    points = effect.promptNode(True)
+    if hovered == "control point":
+        display = points.GetDisplayNode()
+        display.SetActiveControlPoint(0)
+        assert display.GetActiveComponentType() == display.ComponentControlPoint
+    else:
+        roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+        roi.CreateDefaultDisplayNodes()
+        display = roi.GetDisplayNode()
+        display.SetActiveComponent(display.ComponentScaleHandle, 2)
+    press, release = vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonReleaseEvent
+    assert not effect.processInteractionEvents(interactor(xy), press, view)
+    assert not effect.processInteractionEvents(interactor(xy), release, view)
+    assert not effect.processInteractionEvents(interactor(xy, key="BackSpace"), vtk.vtkCommand.KeyPressEvent, view)
+    assert not effect.processInteractionEvents(interactor(xy, key="Delete"), vtk.vtkCommand.KeyPressEvent, view)
+    assert points.GetNumberOfControlPoints() == 1 and len(effect.undoStack) == 1  # nothing added or undone
+
+    display.SetActiveComponent(display.ComponentNone, -1)  # the mouse left it: clicks prompt again
+    click(effect, view, (xy[0] + 10, xy[1]))
+    assert points.GetNumberOfControlPoints() == 2
+    assert effect.processInteractionEvents(interactor(xy, key="BackSpace"), vtk.vtkCommand.KeyPressEvent, view)
+    assert points.GetNumberOfControlPoints() == 1
+
+
+def test_the_effects_options_are_kept_in_the_segment_editor_node(effect, scene):
+    from ultrasam.session import Span
+
+    node = effect.scriptedEffect.editorNode
+    assert (node.GetAttribute("UltraSam.Direction"), node.GetAttribute("UltraSam.MinIoU")) == ("both", "0.5")
+    # The user sets the options in the panel: they are written to the node ...
+    effect.directionCombo.currentIndex, effect.rangeCheck.checked = 1, True  # forward, limited
+    effect.firstSpin.value, effect.lastSpin.value, effect.minIouSpin.value = 2, 9, 0.7
+    effect.applyModeCombo.currentIndex = 1  # replace
+    effect.updateMRMLFromGUI()
+    assert [node.GetAttribute(f"UltraSam.{name}") for name in
+            ("Direction", "LimitSlices", "FirstSlice", "LastSlice", "MinIoU", "ApplyMode")] == \
+        ["forward", "1", "2", "9", "0.7", "replace"]
+    # ... and what the node holds (a reloaded scene, a new editor) is what the panel shows and runs with.
+    node.SetAttribute("UltraSam.Direction", "backward")
+    node.SetAttribute("UltraSam.MinIoU", "0.25")
+    effect.updateGUIFromMRML()
+    assert (effect.directionCombo.currentIndex, effect.minIouSpin.value, effect.applyModeCombo.currentIndex) == \
+        (2, 0.25, 1)
+    assert Span(**effect.span()) == Span("backward", 2, 9)  # what the server builds from the request
+    view = k_plane_view(6)
+    click(effect, view, view.xyOf(world_of_kji(CENTER_KJI)[0]))
+    effect.onApply()
+    assert effect.scriptedEffect.modifications[0][1] == slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet
+
+
+def test_choosing_the_effects_own_prompt_node_as_extra_points_counts_its_points_once(effect):
+    own = effect.promptNode(True)
+    own.AddControlPointWorld(vtk.vtkVector3d(*world_of_kji(CENTER_KJI)[0]))
+    effect.pointsSelector = types.SimpleNamespace(currentNode=lambda: own)
+    assert len(effect.collectPrompts()["points"]) == 1
+
+
+def test_a_run_of_the_previous_session_never_reaches_the_new_one(effect, scene):
+    """A preview still running on the server when the source volume (or the model) changes must
+    not be shown in the new session: the old session is closed on the server (which cancels its
+    run there) and never polled again; only the new session's own results are shown."""
+    class RunningSession(InlineSession):
+        """The old session: its run goes on on the server until ``finished``; then a poll brings its
+        mask, as RemoteSession's does once the server's run is done."""
+        finished, polls_after_close = False, 0
+
+        def start(self, *request, **options):
+            self.running, self.request = True, (request, options)
+            return self.RunState("running", (0, 1))
+
+        def poll(self, wait=0.0):
+            self.polls_after_close += self.closed
+            if self.running and self.finished:
+                self.running = False
+                return super().start(*self.request[0], **self.request[1])
+            return self.RunState("running", (0, 1)) if self.running else self.last
+
+    class BlindModel(ThresholdModel):  # the new session's model finds nothing: its results are told apart
+        def predict(self, *args, **kwargs):
+            prediction = super().predict(*args, **kwargs)
+            return type(prediction)(np.zeros_like(prediction.mask), 1.0, prediction.low_res_logits)
+
+    effect.sessionFactory = RunningSession
+    effect.buildSession()
+    old = effect.session
+    view = k_plane_view(6)
+    for event in (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonReleaseEvent):
+        effect.processInteractionEvents(interactor(view.xyOf(world_of_kji(CENTER_KJI)[0])), event, view)
+    effect.runPrompts()
+    effect.onPoll()
+    assert old.running and effect.result is None  # the old session's preview is still going
+
+    effect.sessionFactory = lambda volume: InlineSession(volume, slice_predictor=BlindModel)
+    effect.buildSession()  # another source volume (or model): a new session, the old one closed
+    old.finished = True  # the old run ends on the server now
+    settle(effect)
+    assert old.closed and old.polls_after_close == 0
+    assert effect.result is not None and not effect.result.any()  # the new session's own (empty) preview
+    assert preview_kji(effect, scene) == set()
+    old.running = True
+    assert old.poll().state == "done" and old.mask.any()  # what it would have shown: the ball's slice
+
+
+def test_cleanup_stops_polling_and_observing_and_closes_the_volume_on_the_server(effect, monkeypatch):
+    session = effect.session
+    session.running = True  # a run is going on the server
+    node = effect.promptNode(True)  # observed by the effect
+    stopped_servers = []
+    monkeypatch.setattr(effect.engine, "stop", lambda: stopped_servers.append(True))
+    effect.pollTimer.reset_mock()
+    effect.runTimer.reset_mock()
+    effect.cleanup()  # what Slicer calls when it closes
+    assert effect.pollTimer.stop.called and effect.runTimer.stop.called
+    assert session.closed and effect.session is None  # closing cancels its run on the server
+    assert stopped_servers == []  # the server belongs to the module: it stops when Slicer exits
+    node.AddControlPointWorld(vtk.vtkVector3d(0.0, 0.0, 0.0))
+    assert not effect.runTimer.start.called
+
+
+def test_propagation_leaves_blank_slices_empty_and_the_effect_shows_the_servers_warnings(effect, scene):
+    view = k_plane_view(6)
+    click(effect, view, view.xyOf(world_of_kji(CENTER_KJI)[0]))
+    effect.onPropagate()
+    settle(effect)
+    assert preview_kji(effect, scene) == ball_voxels(range(3, 10))
+    # Beyond the ball (slices 3..9) the volume holds one grey value: the walks meet blank slices.
+    assert "Warning: slice(s) [2, 10] are blank (a single grey value) and were left empty" in \
+        effect.statusLabel.text
+
+
+@pytest.mark.parametrize("prompt, propagate, span", [
+    ("click", False, None), ("box", False, None), ("click", True, None),
+    ("click", True, {"direction": "forward"}), ("box", True, {"direction": "backward", "first": 4, "last": 8}),
+])
+def test_the_numpy_stand_in_answers_as_the_core_session_does(effect, prompt, propagate, span):
+    """The effect's self-test runs on NumpySession where Slicer has no torch: its masks must be
+    those of the core's session with the same stand-in model (InlineSession)."""
+    from slicer_test_fakes import NumpySession
+    from ultrasam.wire import prompts_to_json
+
+    centre = world_of_kji(CENTER_KJI)[0]
+    if prompt == "click":
+        prompts = prompts_to_json([centre], [1])
+    else:
+        prompts = prompts_to_json(np.zeros((0, 3)), [], boxes=[tuple(world_of_kji([[7, 5, 6], [7, 12, 13]]))])
+    answers = []
+    for session in (InlineSession(effect.volume), NumpySession(effect.volume)):
+        state = session.start(prompts, propagate, 0, span)
+        answers.append((state.state, state.propagated, session.mask))
+    (core_state, core_propagated, core_mask), (state, propagated, mask) = answers
+    assert (state, propagated) == (core_state, core_propagated) == ("done", propagate)
+    assert mask.any()
+    np.testing.assert_array_equal(mask, core_mask)
+
+
+def test_align_views_turns_views_to_the_grid_clicks_are_checked_against(qt_layer, scene):
+    """The segmentation's grid (the editor's source image) need not be the source volume's: after
+    'Align views', every view must show a whole slice of the former, whatever its pose was."""
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ball")
+    slicer.util.updateVolumeFromArray(volume, np.zeros(SHAPE, np.float32))
+    volume.SetIJKToRASMatrix(mrml_bridge.numpy_to_matrix(IJK_TO_LOCAL))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
+    editorNode = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editorNode.SetAndObserveSegmentationNode(segmentation)
+    editorNode.SetAndObserveSourceVolumeNode(volume)
+    grid = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(volume)
+    turn = vtk.vtkMatrix4x4()
+    grid.GetImageToWorldMatrix(turn)
+    rotation = np.linalg.qr(np.array([[1.0, 0.3, 0.1], [0.2, 1.0, -0.4], [0.1, 0.5, 1.0]]))[0]
+    turned = mrml_bridge.matrix_to_numpy(turn)
+    turned[:3, :3] = rotation @ turned[:3, :3]  # the segmentation's grid, rotated from the volume's
+    grid.SetImageToWorldMatrix(mrml_bridge.numpy_to_matrix(turned))
+
+    effect = load_like_slicer_5_10(importlib.import_module("UltraSamSlicer").EFFECT_SOURCE)(
+        StubAdaptor(editorNode, grid))
+    effect.volume = mrml_bridge.volume_from_oriented_image(grid, None, "grid")
+    views = {name: StubSliceView(pose) for name, pose in (
+        ("Red", np.eye(4)), ("Green", np.array([[1.0, 0, 0, 3], [0, 0, 1, 2], [0, 1, 0, 4], [0, 0, 0, 1]])),
+        ("Yellow", np.array([[0, 0, 1.0, -1], [1, 0, 0, 0], [0, 1, 0, 5], [0, 0, 0, 1]])))}
+    slicer.app.layoutManager.return_value = types.SimpleNamespace(
+        sliceViewNames=lambda: list(views),
+        sliceWidget=lambda name: types.SimpleNamespace(mrmlSliceNode=lambda: views[name].node))
+    assert all(effect.viewSlice(view) is None for view in views.values())  # oblique to that grid
+    effect.alignViews()
+    shown = [mrml_bridge.view_slice(mrml_bridge.matrix_to_numpy(view.node.GetSliceToRAS()), effect.volume)
+             for view in views.values()]
+    assert None not in shown and {view.axis for view in shown} == {0, 1, 2}

@@ -105,12 +105,24 @@ def test_extensions_index_json_matches_cmake():
     assert index["build_subdirectory"] == "." and isinstance(index["tier"], int)
 
 
+def repository_file(url: str) -> Path:
+    """The file of this repository a raw.githubusercontent.com URL of EXTENSION_HOMEPAGE's repository names."""
+    repository = re.match(r"https://github.com/([^/]+/[^/#]+)", top_level()["EXTENSION_HOMEPAGE"][0]).group(1)
+    prefix = f"https://raw.githubusercontent.com/{repository}/main/"
+    assert url.startswith(prefix), f"{url} is not a file of {repository}'s main branch"
+    return ROOT / url[len(prefix):]
+
+
 def test_icon_url_points_at_the_128px_icon_in_this_repository():
     from PIL import Image
 
-    url = top_level()["EXTENSION_ICONURL"][0]
-    repository = re.match(r"https://github.com/([^/]+/[^/#]+)", top_level()["EXTENSION_HOMEPAGE"][0]).group(1)
-    prefix = f"https://raw.githubusercontent.com/{repository}/main/"
-    assert url.startswith(prefix)
-    with Image.open(ROOT / url[len(prefix):]) as icon:
+    with Image.open(repository_file(top_level()["EXTENSION_ICONURL"][0])) as icon:
         assert icon.size == (128, 128)
+
+
+def test_screenshot_urls_point_at_images_in_this_repository():
+    from PIL import Image
+
+    for url in top_level()["EXTENSION_SCREENSHOTURLS"][0].split():  # CMake: space-separated URLs
+        with Image.open(repository_file(url)) as screenshot:
+            assert min(screenshot.size) >= 300, f"{url}: too small to show anything"

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import shared_path
+from ultrasam.resources import SAMPLE_VOLUME
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_inference  # noqa: E402
 
 
-@pytest.mark.shared
 def test_tiny_benchmark_on_real_slices(tmp_path):
-    volume = shared_path("resect3d", "Case3.nii.gz")
+    volume = SAMPLE_VOLUME
     output = tmp_path / "figures.json"
 
     figures = bench_inference.main(["--device", "cpu", "--model", "tiny", "--volume", str(volume), "--slices", "2",

@@ -12,9 +12,9 @@ import pytest
 import torch
 from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT
 
-from conftest import shared_path
 from ultrasam.fast_attention import FusedAttention, WarmCompiled, accelerate_image_encoder
 from ultrasam.predictor import Predictor, Prompt2D
+from ultrasam.resources import SAMPLE_VOLUME
 from ultrasam.slicing import VolumeSlices
 from ultrasam.volume_io import read_volume
 
@@ -141,7 +141,6 @@ def _iou(a, b) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
-@pytest.mark.shared
 @FOLD
 def test_fast_path_masks_match_fp32_reference_on_real_slices(tiny_sam, fold):
     """Fast path (SDPA + bf16 encoder, as on a GPU) against segment_anything's fp32 eager path.
@@ -151,7 +150,7 @@ def test_fast_path_masks_match_fp32_reference_on_real_slices(tiny_sam, fold):
     the slice on each side, with the boundary running through the logit field wherever it is
     flattest, which is harsher than a trained model's steep, bimodal logits.
     """
-    slices = VolumeSlices(read_volume(shared_path("resect3d", "Case3.nii.gz")), axis=0)
+    slices = VolumeSlices(read_volume(SAMPLE_VOLUME), axis=0)
     images = [slices.image(index) for index in (80, 120, 160, 200)]
     # Whatever the Predictor applies itself, the reference runs segment_anything's attention in
     # fp32 and the fast path the variant under test.

@@ -131,6 +131,7 @@ def test_runlog_resume_drops_what_a_killed_run_logged_after_its_checkpoint(tmp_p
 
 def test_start_stop_resume_a_real_local_run(tmp_path):
     shared_path("us43d_sample", "sample_coco_MMOTU2D.json")
+    pytest.importorskip("torch", reason="the trainer it starts needs torch")
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "c.json", tiny_config(run_dir, steps=2000, checkpoint_every=2, val_every=1000))
     launch.start_local(config, run_dir, env=training_env())

@@ -76,3 +76,28 @@ def test_scene_segmentations_export_as_instances(module, tmp_path, monkeypatch):
     assert sorted(a["area"] for a in coco["annotations"]) == [24, 25, 40]
     stats = module.UltraSamTrainingLogic.dataStatistics([str(folder)])
     assert stats.splitlines()[-1] == "Total: 2 images, 3 objects"
+
+
+def test_the_training_plot_comes_back_after_file_close_scene(module, monkeypatch, tmp_path):
+    """A finished run's plot, drawn again when the scene is closed (no poll timer runs any more)."""
+    scene = slicer.vtkMRMLScene()
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    shown = []
+    plots = types.SimpleNamespace(logic=lambda: types.SimpleNamespace(ShowChartInLayout=shown.append))
+    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(plots=plots), raising=False)
+    records = [{"kind": "start", "step": 0, "time": 0.0, "steps": 3},
+               *[{"kind": "train", "step": s, "time": float(s), "total": 1.0 / s} for s in range(1, 4)],
+               {"kind": "val", "step": 3, "time": 4.0, "dice": 0.7}, {"kind": "done", "step": 3, "time": 5.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    widget = module.UltraSamTrainingWidget.__new__(module.UltraSamTrainingWidget)  # the panel, minus Qt
+    widget.runDir, widget.chart, widget.timer = tmp_path, None, types.SimpleNamespace(stop=lambda: None)
+    widget.progressBar, widget.statusLabel = types.SimpleNamespace(value=0), types.SimpleNamespace(text="")
+    widget.refresh()
+    scene.Clear(0)  # File > Close Scene removes every node, the plot's included
+    widget.onSceneEndClose(scene, scene.EndCloseEvent)
+    charts = [scene.GetNthNodeByClass(n, "vtkMRMLPlotChartNode")
+              for n in range(scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode"))]
+    assert len(charts) == 1 and shown[-1] is charts[0]
+    assert charts[0].GetNumberOfPlotSeriesNodes() == 2
+    rows = {name: table.GetTable().GetNumberOfRows() for name, table in widget.tables.items()}
+    assert rows == {"loss": 3, "val Dice": 1} and all(scene.IsNodePresent(t) for t in widget.tables.values())

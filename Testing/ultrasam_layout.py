@@ -1,18 +1,35 @@
-"""Write checkpoints in UltraSam's exact mmengine layout, for tests.
+"""Write checkpoints in UltraSam's exact layout, for tests, with the real mmengine package.
 
-Written from the table in ULTRASAM_FACTS.md in the SAM -> UltraSam direction, independently of the
-loader's UltraSam -> SAM code, so a mistake in either shows up as a mismatch.
+The tensor names are written from the table in ULTRASAM_FACTS.md in the SAM -> UltraSam direction,
+independently of the loader's UltraSam -> SAM code, so a mistake in either shows up as a mismatch.
+
+Everything else in the file comes from a real ``mmengine.runner.Runner``: it trains a toy model for
+a few iterations with UltraSam's optimiser and schedule (AdamW, linear warm-up, MultiStepLR at
+20,000 and 28,888), validates with a metric that returns numpy scalars (as many metrics do),
+and saves through ``Runner.save_checkpoint``. A hook swaps the toy model's tensors for the UltraSam
+ones just before mmengine pickles the dict, so the file holds exactly what mmengine writes: ``meta``
+(with the config text in ``meta['cfg']``), ``state_dict``, ``message_hub`` (real ``HistoryBuffer``
+objects, whose ``__getstate__`` pickles ``getattr(HistoryBuffer, 'min')`` and its siblings) and
+``param_schedulers`` (MultiStepLR's milestones are a ``collections.Counter``). Assumption, from
+the published file's size (375 MB for 93.7 M float32 weights): UltraSam.pth carries no optimizer
+state, so ``save_optimizer=False``.
+
+The Runner runs in a subprocess, once per test session: it seeds the global random generators and
+configures logging, which must not leak into the tests.
 """
 
 from __future__ import annotations
 
+import functools
+import subprocess
 import sys
-import types
+import tempfile
+from pathlib import Path
 
-import numpy as np
 import torch
 
 ATTENTIONS = ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token")
+SWAP_FILE = "ultrasam_state_dict.pth"  # the tensors the hook puts in place of the toy model's
 
 
 def ultrasam_state_dict(sam: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -78,36 +95,103 @@ def _attention(out, sam, s: str, u: str) -> None:
 
 
 def save_ultrasam_checkpoint(sam: dict[str, torch.Tensor], path) -> None:
-    """torch.save a dict shaped like UltraSam.pth: meta (numpy scalars, cfg text), state_dict,
-    message_hub holding an mmengine HistoryBuffer; mmengine is faked for the save only."""
-    module = types.ModuleType("mmengine.logging.history_buffer")
+    """``torch.save`` a dict laid out as UltraSam.pth: mmengine's own bookkeeping around ``sam``'s
+    tensors in UltraSam's names (keys in the order ``Runner.save_checkpoint`` writes them)."""
+    bookkeeping = mmengine_bookkeeping()
+    checkpoint = {"meta": bookkeeping["meta"], "state_dict": ultrasam_state_dict(sam)}
+    checkpoint.update((key, value) for key, value in bookkeeping.items() if key not in checkpoint)
+    torch.save(checkpoint, path)
 
-    class HistoryBuffer:  # pickled by reference as mmengine.logging.history_buffer.HistoryBuffer
-        def __init__(self, values):
-            self._log_history = np.asarray(values)
-            self._count_history = np.ones(len(values))
-            self.max_length = 1000000
 
-    HistoryBuffer.__module__ = module.__name__
-    HistoryBuffer.__qualname__ = "HistoryBuffer"
-    module.HistoryBuffer = HistoryBuffer
-    names = ["mmengine", "mmengine.logging", "mmengine.logging.history_buffer"]
-    saved = {name: sys.modules.get(name) for name in names}
-    for name in names[:-1]:
-        sys.modules[name] = types.ModuleType(name)
-    sys.modules[names[-1]] = module
-    try:
-        checkpoint = {
-            "meta": {"epoch": 0, "iter": np.int64(30000), "mmengine_version": "0.10.4",
-                     "cfg": "model = dict(type='SAM')\n", "seed": np.int64(42), "lr": np.float64(1e-6)},
-            "state_dict": ultrasam_state_dict(sam),
-            "message_hub": {"log_scalars": {"train/loss": HistoryBuffer([0.5, 0.4])},
-                            "runtime_info": {"iter": 30000}, "resumed_keys": {"iter": True}},
-        }
-        torch.save(checkpoint, path)
-    finally:
-        for name, previous in saved.items():
-            if previous is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = previous
+def runner_checkpoint(tensors: dict[str, torch.Tensor], folder: Path) -> Path:
+    """The file a real mmengine Runner writes, as it writes it, with ``tensors`` as its ``state_dict``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(tensors, folder / SWAP_FILE)
+    subprocess.run([sys.executable, __file__, str(folder)], check=True, capture_output=True, timeout=600)
+    return folder / "iter_3.pth"
+
+
+@functools.lru_cache(maxsize=1)
+def mmengine_bookkeeping() -> dict:
+    """Everything but ``state_dict`` of a real Runner's checkpoint (unpickled with mmengine: trusted)."""
+    import mmengine  # noqa: F401  (the unpickling below needs its classes)
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = runner_checkpoint({}, Path(folder))
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    del checkpoint["state_dict"]
+    return checkpoint
+
+
+def _train_and_save(folder: Path) -> None:
+    """Run mmengine's Runner for 3 iterations and a validation; it saves ``folder/iter_3.pth``."""
+    import numpy as np
+    from mmengine.config import Config
+    from mmengine.evaluator import BaseMetric, Evaluator
+    from mmengine.hooks import Hook
+    from mmengine.model import BaseModel
+    from mmengine.runner import Runner
+
+    class ToyModel(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def forward(self, inputs, data_samples=None, mode="tensor"):
+            output = self.layer(torch.stack(inputs) if isinstance(inputs, list) else inputs)
+            if mode == "loss":
+                return {"loss": output.pow(2).mean(), "loss_dice": output.abs().mean()}
+            return [{"score": float(value)} for value in output[:, 0]]
+
+    class ToyData(torch.utils.data.Dataset):
+        metainfo = {"classes": ("object",)}
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return {"inputs": torch.full((2,), float(index))}
+
+    class MeanScore(BaseMetric):
+        default_prefix = "toy"
+
+        def process(self, data_batch, data_samples):
+            self.results.extend(sample["score"] for sample in data_samples)
+
+        def compute_metrics(self, results):
+            return {"dice": np.float64(np.mean(results)), "objects": np.int64(len(results))}
+
+    class UltraSamTensors(Hook):
+        """Puts the UltraSam-named tensors into the dict mmengine is about to pickle."""
+
+        def before_save_checkpoint(self, runner, checkpoint):
+            checkpoint["state_dict"] = torch.load(folder / SWAP_FILE, weights_only=True)
+
+    def loader(sampler: str) -> dict:
+        return {"dataset": ToyData(), "sampler": {"type": sampler, "shuffle": False}, "batch_size": 2,
+                "collate_fn": {"type": "default_collate"}}
+
+    settings = {
+        "train_cfg": {"type": "IterBasedTrainLoop", "max_iters": 3, "val_interval": 3},
+        "val_cfg": {"type": "ValLoop"},
+        "optim_wrapper": {"optimizer": {"type": "AdamW", "lr": 1e-4, "weight_decay": 1e-4},
+                          "clip_grad": {"max_norm": 0.1, "norm_type": 2}},
+        "param_scheduler": [
+            {"type": "LinearLR", "start_factor": 1e-3, "by_epoch": False, "begin": 0, "end": 500},
+            {"type": "MultiStepLR", "by_epoch": False, "milestones": [20000, 28888], "gamma": 0.1},
+        ],
+        "default_hooks": {"checkpoint": {"type": "CheckpointHook", "interval": 3, "by_epoch": False,
+                                         "save_optimizer": False, "save_best": "toy/dice", "rule": "greater"},
+                          "logger": {"type": "LoggerHook", "interval": 1}},
+        "log_processor": {"by_epoch": False},
+        "env_cfg": {"dist_cfg": {"backend": "gloo"}},
+        "log_level": "ERROR",
+    }
+    config = Config({"model": {"type": "SAM"}, **settings})
+    Runner(model=ToyModel(), work_dir=str(folder), train_dataloader=loader("InfiniteSampler"),
+           val_dataloader=loader("DefaultSampler"),
+           val_evaluator=Evaluator(MeanScore()), custom_hooks=[UltraSamTensors()], cfg=config, **settings).train()
+
+
+if __name__ == "__main__":
+    _train_and_save(Path(sys.argv[1]))

@@ -9,7 +9,6 @@ the effect starts ``ultrasam serve`` (or connects to a remote one) the first tim
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import ctk
@@ -22,14 +21,15 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 
+from UltraSamSlicerLib import model_settings
 from UltraSamSlicerLib.engine import ServerError, shared_engine, start_download
 from UltraSamSlicerLib.models import (DEVICES, OFFICIAL, PRECISIONS, ModelSettings, missing_requirements,
                                       shipped_model_note)
 from ultrasam.resources import SHIPPED_MODEL
 
 MODULE_DIR = Path(__file__).resolve().parent
-EFFECT_SOURCE = MODULE_DIR / "UltraSamSlicerLib" / "SegmentEditorEffect.py"
-SETTINGS_PREFIX = "UltraSam/"
+# In a folder of its own: Slicer loads it as a module named after the folder (see docs/SLICER.md).
+EFFECT_SOURCE = MODULE_DIR / "UltraSamSegmentEditorEffect" / "SegmentEditorEffect.py"
 
 # RESECT case 3 (Xiao et al., Med Phys 2017, CC BY 4.0), shipped in the core's data folder.
 SAMPLE_NAME = "UltraSamRESECTCase3"
@@ -86,35 +86,7 @@ def registerSampleData() -> None:
 
 
 class UltraSamSlicerLogic(ScriptedLoadableModuleLogic):
-    """Settings in QSettings, dependency install, weights download; no widgets."""
-
-    @staticmethod
-    def modelSettings() -> ModelSettings:
-        value = slicer.util.settingsValue
-        return ModelSettings(
-            checkpoint=value(SETTINGS_PREFIX + "Checkpoint", OFFICIAL),
-            device=value(SETTINGS_PREFIX + "Device", "auto"),
-            precision=value(SETTINGS_PREFIX + "Precision", "auto"),
-            cache_gib=value(SETTINGS_PREFIX + "CacheGiB", 2.0, converter=float),
-            cache_dir=UltraSamSlicerLogic.weightsFolder(),
-            server_url=value(SETTINGS_PREFIX + "ServerURL", ""),
-            server_token=value(SETTINGS_PREFIX + "ServerToken", ""),
-        )
-
-    @staticmethod
-    def saveModelSettings(settings: ModelSettings) -> None:
-        store = qt.QSettings()
-        store.setValue(SETTINGS_PREFIX + "Checkpoint", settings.checkpoint)
-        store.setValue(SETTINGS_PREFIX + "Device", settings.device)
-        store.setValue(SETTINGS_PREFIX + "Precision", settings.precision)
-        store.setValue(SETTINGS_PREFIX + "CacheGiB", settings.cache_gib)
-        store.setValue(SETTINGS_PREFIX + "ServerURL", settings.server_url)
-        store.setValue(SETTINGS_PREFIX + "ServerToken", settings.server_token)
-
-    @staticmethod
-    def weightsFolder() -> str:
-        """Downloaded weights live in Slicer's cache folder, never in the module folder."""
-        return os.path.join(slicer.app.cachePath, "UltraSam")
+    """Dependency install; no widgets (the model settings are in UltraSamSlicerLib.model_settings)."""
 
     @staticmethod
     def installDependencies() -> bool:
@@ -179,7 +151,7 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         self.pathEdit = ctk.ctkPathLineEdit()
         self.pathEdit.filters = ctk.ctkPathLineEdit.Files
         self.pathEdit.nameFilters = ["Checkpoints (*.pth *.pt *.ckpt)", "All files (*)"]
-        self.pathEdit.settingKey = SETTINGS_PREFIX + "RecentCheckpoints"
+        self.pathEdit.settingKey = model_settings.PREFIX + "RecentCheckpoints"
         form.addRow("Checkpoint:", self.pathEdit)
         self.downloadButton = qt.QPushButton("Download UltraSam weights (375 MB)")
         self.downloadButton.toolTip = "Downloads once into Slicer's cache folder; resumes if interrupted."
@@ -243,7 +215,7 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         self.timer.stop()
 
     def updateGUIFromSettings(self):
-        settings = self.logic.modelSettings()
+        settings = model_settings.read()
         isOfficial = settings.checkpoint == OFFICIAL
         widgets = (self.sourceCombo, self.pathEdit, self.deviceCombo, self.precisionCombo, self.cacheSpin,
                    self.serverEdit, self.tokenEdit)
@@ -280,7 +252,7 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
 
     def onSettingsChanged(self, *unused):
         official = self.sourceCombo.currentData == OFFICIAL
-        self.logic.saveModelSettings(ModelSettings(
+        model_settings.save(ModelSettings(
             checkpoint=OFFICIAL if official else self.pathEdit.currentPath,
             device=self.deviceCombo.currentText,
             precision=self.precisionCombo.currentText,
@@ -299,7 +271,7 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
 
         if self.download is not None:
             return
-        folder = self.logic.weightsFolder()
+        folder = model_settings.weights_folder()
         self.download = start_download(folder)  # a child process: Slicer never waits on it
         self.partialFile = Path(folder) / (OFFICIAL_NAME + ".part")
         self.downloadButton.enabled = False
@@ -307,7 +279,7 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         self.timer.start()
 
     def onLoadModel(self):
-        if not self.logic.modelSettings().server_url and not self.logic.installDependencies():
+        if not model_settings.read().server_url and not self.logic.installDependencies():
             return
         self.connecting = True
         self.statusLabel.text = "Starting the UltraSam server..."
@@ -319,7 +291,7 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
             self.pollDownload()
         if self.connecting:
             try:
-                self.connecting = shared_engine().client(self.logic.modelSettings()) is None
+                self.connecting = shared_engine().client(model_settings.read()) is None
             except (ServerError, FileNotFoundError) as error:
                 self.connecting = False
                 self.statusLabel.text = f"The UltraSam server did not start: {error}"
@@ -348,7 +320,8 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
 
 class UltraSamSlicerTest(ScriptedLoadableModuleTest):
     """Module self-test: registration, settings round trip, dependency check without dialogs, sample data.
-    The effect is tested in UltraSamSlicerLib/SegmentEditorEffectTest.py."""
+    The effect is tested in Testing/Python/UltraSamSlicerEffectTest.py. Runs with and without
+    ``--testing`` (Reload and Test and the Self Tests module do not set it)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear(0)
@@ -367,20 +340,27 @@ class UltraSamSlicerTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(editor.effectByName("UltraSam"))
 
     def test_settings_round_trip(self):
-        logic = UltraSamSlicerLogic()
-        before = logic.modelSettings()
+        before = model_settings.read()
         try:
             wanted = ModelSettings(checkpoint="/tmp/model.pth", device="cpu", precision="float32", cache_gib=1.5,
                                    cache_dir=before.cache_dir, server_url="http://gpu-box:8765", server_token="t")
-            logic.saveModelSettings(wanted)
-            self.assertEqual(logic.modelSettings(), wanted)
+            model_settings.save(wanted)
+            self.assertEqual(model_settings.read(), wanted)
         finally:
-            logic.saveModelSettings(before)
+            model_settings.save(before)
 
     def test_dependency_check_is_silent_in_testing(self):
-        self.assertTrue(slicer.app.testingEnabled())
-        # Returns at once, without a dialog: True only when nothing is missing.
-        self.assertEqual(UltraSamSlicerLogic.installDependencies(), not missing_requirements())
+        # A stand-in answers "Cancel" for the install question, so no dialog is shown in any mode.
+        asked = []
+        confirm = slicer.util.confirmOkCancelDisplay
+        slicer.util.confirmOkCancelDisplay = lambda *args, **kwargs: asked.append(args) or False
+        try:
+            ready = UltraSamSlicerLogic.installDependencies()
+        finally:
+            slicer.util.confirmOkCancelDisplay = confirm
+        self.assertEqual(ready, not missing_requirements())  # True only when nothing is missing
+        if slicer.app.testingEnabled():
+            self.assertEqual(asked, [])  # testing mode: not even asked
 
     def test_sample_data_loads_with_checksum(self):
         import SampleData

@@ -138,19 +138,17 @@ class UltraSamTrainingLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def useModel(path: str) -> None:
         """Make ``path`` the UltraSam effect's model (the UltraSam module's checkpoint setting)."""
-        from UltraSamSlicer import UltraSamSlicerLogic
+        from UltraSamSlicerLib import model_settings
 
-        settings = UltraSamSlicerLogic.modelSettings()
-        UltraSamSlicerLogic.saveModelSettings(dataclasses.replace(settings, checkpoint=path))
+        model_settings.save(dataclasses.replace(model_settings.read(), checkpoint=path))
 
     @staticmethod
     def currentModel() -> str:
         """The checkpoint the UltraSam module uses now (a path, or its name for the official weights)."""
-        from UltraSamSlicer import UltraSamSlicerLogic
+        from UltraSamSlicerLib import model_settings
 
-        settings = UltraSamSlicerLogic.modelSettings()
         try:
-            return str(settings.checkpoint_path())
+            return str(model_settings.read().checkpoint_path())
         except FileNotFoundError:
             return ""
 
@@ -164,6 +162,7 @@ class UltraSamTrainingWidget(ScriptedLoadableModuleWidget):
         self.timer.setInterval(POLL_MS)
         self.timer.connect("timeout()", self.refresh)
         self.chart = None
+        self.sceneObservation = slicer.mrmlScene.AddObserver(slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self._setupData()
         self._setupRun()
         self._setupMonitor()
@@ -345,6 +344,8 @@ class UltraSamTrainingWidget(ScriptedLoadableModuleWidget):
             parts.append(f"{progress.images_per_s:.1f} images/s")
         if progress.eta_s:
             parts.append(f"about {progress.eta_s / 60:.0f} min left")
+        if progress.skipped:
+            parts.append(progress.skipped)
         if progress.message:
             parts.append(progress.message)
         if not running and progress.state == "running":
@@ -363,12 +364,13 @@ class UltraSamTrainingWidget(ScriptedLoadableModuleWidget):
             self.logText.verticalScrollBar().value = self.logText.verticalScrollBar().maximum
 
     def _plot(self, progress):
-        """Loss and validation Dice against step in a Slicer plot view (nodes reused across polls)."""
+        """Loss and validation Dice against step in a Slicer plot view (nodes reused across polls,
+        made again when File > Close Scene removed them)."""
         import numpy as np
 
         if not progress.loss:
             return
-        if self.chart is None:
+        if self.chart is None or not slicer.mrmlScene.IsNodePresent(self.chart):
             self.chart = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotChartNode", "UltraSam training")
             self.chart.SetXAxisTitle("step")
             self.tables = {}
@@ -388,8 +390,13 @@ class UltraSamTrainingWidget(ScriptedLoadableModuleWidget):
                 steps, values = np.asarray(points, dtype=float).T
                 slicer.util.updateTableFromArray(self.tables[name], [steps, values], columnNames=["step", name])
 
+    def onSceneEndClose(self, caller, event):
+        """File > Close Scene removed the plot's nodes: draw it again, also for a finished run."""
+        self.refresh()
+
     def cleanup(self):
         self.timer.stop()
+        slicer.mrmlScene.RemoveObserver(self.sceneObservation)
 
 
 class UltraSamTrainingTest(ScriptedLoadableModuleTest):
@@ -404,7 +411,9 @@ class UltraSamTrainingTest(ScriptedLoadableModuleTest):
         import tempfile
 
         folder = Path(tempfile.mkdtemp())
-        records = [{"kind": "start", "step": 0, "time": 0.0, "steps": 4},
+        records = [{"kind": "skipped", "step": 0, "time": 0.0, "count": 1, "kinds": {"missing file": 1},
+                    "items": [{"kind": "missing file", "where": "data image a.png", "detail": "a.png does not exist"}]},
+                   {"kind": "start", "step": 0, "time": 0.0, "steps": 4},
                    *[{"kind": "train", "step": s, "time": float(s), "total": 1.0 / s} for s in range(1, 5)],
                    {"kind": "val", "step": 4, "time": 5.0, "dice": 0.5},
                    {"kind": "done", "step": 4, "time": 6.0, "model": str(folder / "model.pth")}]
@@ -414,5 +423,6 @@ class UltraSamTrainingTest(ScriptedLoadableModuleTest):
         widget.refresh()
         self.assertEqual(widget.progressBar.value, 100)
         self.assertEqual(widget.tables["loss"].GetTable().GetNumberOfRows(), 4)
+        self.assertIn("1 data items skipped (missing file 1", widget.statusLabel.text)
         self.assertIn("val Dice 0.500", widget.statusLabel.text)
         self.delayDisplay("UltraSamTraining monitor test passed")

@@ -1,1 +1,2 @@
-"""Slicer-side parts of the UltraSam extension: the Segment Editor effect and its Qt-free helpers."""
+"""Slicer-side helpers of the UltraSam extension, shared by the module panels and the Segment Editor
+effect (UltraSamSegmentEditorEffect/): MRML bridge, model settings, the connection to the server."""

@@ -18,8 +18,11 @@ PRECISIONS = ("auto", "float32")  # a subset of ultrasam.device.PRECISIONS (not 
 # What the extension needs beyond Slicer itself: (import name, pip requirement). torch and
 # torchvision come from the SlicerPyTorch extension, which picks the build for the GPU driver.
 TORCH_REQUIREMENTS = (("torch", "torch>=2.1"), ("torchvision", "torchvision"))
+# fastapi, uvicorn: the local `ultrasam serve` child process.
+# opencv-python-headless: UltraSam's resize is cv2.resize (ultrasam.resize); it is not in Slicer's Python.
 PIP_REQUIREMENTS = (("segment_anything", "segment-anything==1.0"), ("tqdm", "tqdm>=4.60"),
-                    ("fastapi", "fastapi"), ("uvicorn", "uvicorn"))  # the last two: the local server
+                    ("fastapi", "fastapi"), ("uvicorn", "uvicorn"),
+                    ("cv2", "opencv-python-headless"))
 
 
 @dataclass(frozen=True)

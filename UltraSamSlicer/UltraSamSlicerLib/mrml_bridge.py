@@ -112,7 +112,7 @@ def volume_from_node(volume_node: slicer.vtkMRMLVolumeNode) -> Volume:
     """A scalar or RGB volume node -> :class:`Volume` (voxels copied, geometry ijk -> world RAS).
 
     Voxels are (K, J, I), or (K, J, I, 3) for a vector (RGB) volume. The copy keeps the volume
-    safe to read from a worker thread while the scene changes.
+    as it was read while the scene changes.
     """
     if volume_node is None or volume_node.GetImageData() is None:
         raise BridgeError("the volume node has no image data: load a volume and select it as source")
@@ -216,6 +216,40 @@ def view_slice(slice_to_ras: np.ndarray, volume: Volume) -> ViewSlice | None:
     if not 0 <= index < volume.shape_kji[axis]:
         return None
     return ViewSlice(axis, index)
+
+
+def aligned_slice_to_ras(slice_to_ras: np.ndarray, volume: Volume) -> np.ndarray:
+    """The view pose nearest to ``slice_to_ras`` that shows a whole slice of ``volume``.
+
+    Each view axis (x, y: screen right and up) is turned onto the signed voxel axis of ``volume``
+    closest to it, the normal becomes x cross y, and the plane is moved along the normal onto the
+    nearest slice centre; the point under the view's centre otherwise stays.
+
+    Args:
+        slice_to_ras: (4, 4) the view's ``GetSliceToRAS()`` (world RAS).
+        volume: geometry ijk -> world RAS (orthogonal axes: :class:`Geometry` refuses shear).
+
+    Returns:
+        (4, 4) SliceToRAS for which :func:`view_slice` finds a slice.
+    """
+    ijk_to_ras = volume.geometry.ijk_to_ras_matrix()
+    axes = ijk_to_ras[:3, :3] / np.linalg.norm(ijk_to_ras[:3, :3], axis=0)  # unit i, j, k in world
+    view = slice_to_ras[:3, :3] / np.linalg.norm(slice_to_ras[:3, :3], axis=0)
+    free = [0, 1, 2]
+    turned = []
+    for column in (0, 1):  # x first: it keeps its axis when x and y are closest to the same one
+        dots = axes[:, free].T @ view[:, column]
+        best = int(np.argmax(np.abs(dots)))
+        turned.append(axes[:, free[best]] * np.sign(dots[best]))
+        free.pop(best)
+    normal_axis = free[0]
+    ijk = volume.geometry.ras_to_ijk(slice_to_ras[:3, 3])
+    ijk[normal_axis] = np.clip(np.rint(ijk[normal_axis]), 0, volume.shape_kji[2 - normal_axis] - 1)
+    aligned = np.eye(4)
+    aligned[:3, 0], aligned[:3, 1] = turned
+    aligned[:3, 2] = np.cross(turned[0], turned[1])
+    aligned[:3, 3] = (ijk_to_ras @ np.append(ijk, 1.0))[:3]
+    return aligned
 
 
 def ijk_to_node_frame(volume: Volume, node: slicer.vtkMRMLTransformableNode) -> np.ndarray:

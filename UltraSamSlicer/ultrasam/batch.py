@@ -32,7 +32,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ultrasam.atomic import write_text_atomic
+from ultrasam.atomic import check_writable, write_text_atomic
+from ultrasam.content_checks import (SkipBlankSlices, blank_slices, check_volume_content,
+                                     refuse_blank_key_slices, result_warnings)
 from ultrasam.geometry import Volume
 from ultrasam.intensity import Window
 from ultrasam.predictor import Predictor
@@ -40,7 +42,7 @@ from ultrasam.prompts3d import Roi, SliceBox, VolumePrompts, slice_prompts
 from ultrasam.propagation import Propagator, PropagationResult, SliceResult, StopRules
 from ultrasam.slicing import VolumeSlices
 from ultrasam.volume_embeddings import VolumeEmbeddingCache, VolumeSlicePredictor
-from ultrasam.volume_io import full_suffix, read_volume, write_mask
+from ultrasam.volume_io import check_mask_path, full_suffix, read_volume, write_mask
 
 
 def segment_volume(
@@ -73,19 +75,29 @@ def segment_volume(
 
     Returns:
         (K, J, I) uint8 mask (1 = object) in ``volume``'s geometry, and the report of
-        :func:`volume_report`.
+        :func:`volume_report` with its ``warnings`` (see :mod:`ultrasam.content_checks`).
+
+    Raises:
+        ValueError: no prompts, a blank or non-finite volume, or a prompt on a blank slice.
     """
+    name = volume.name or "volume"
     if prompts.is_empty():
-        raise ValueError(f"{volume.name or 'volume'}: no prompts; give at least one point, box or ROI")
+        raise ValueError(f"{name}: no prompts; give at least one point, box or ROI")
+    warnings = check_volume_content(volume)
     slices = VolumeSlices(volume, axis, window)
     key_prompts = slice_prompts(slices, prompts)
     if not key_prompts:
-        raise ValueError(f"{volume.name or 'volume'}: the ROI(s) cross no slice of the volume along axis {slices.axis}")
+        raise ValueError(f"{name}: the ROI(s) cross no slice of the volume along axis {slices.axis}")
+    blank = blank_slices(slices)
+    refuse_blank_key_slices(key_prompts, blank, name)
     cache = cache or VolumeEmbeddingCache(predictor)
     lookahead = predictor.batch_size if predictor.device.type == "cuda" else 1
-    propagator = Propagator(VolumeSlicePredictor(slices, cache), slices.num_slices, rules, propagate, lookahead)
+    slice_predictor = SkipBlankSlices(VolumeSlicePredictor(slices, cache), slices, blank)
+    propagator = Propagator(slice_predictor, slices.num_slices, rules, propagate, lookahead)
     result = propagator.run(key_prompts, should_cancel, on_slice, span)
-    return slices.to_volume(result.masks()), volume_report(slices, result)
+    report = volume_report(slices, result)
+    report["warnings"] = warnings + result_warnings(slices, report["slices"], result.masks(), rules.min_iou, blank)
+    return slices.to_volume(result.masks()), report
 
 
 def volume_report(slices: VolumeSlices, result: PropagationResult) -> dict:
@@ -220,6 +232,7 @@ def run_batch(
     clashes = sorted({str(p) for p in outputs if outputs.count(p) > 1})
     if clashes:
         raise ValueError(f"several volumes would write {clashes}; give each an 'output' in the prompts file")
+    check_writable(output_dir / "summary.csv")
     if segment is None:
         cache = VolumeEmbeddingCache(predictor)
 
@@ -239,6 +252,7 @@ def _run_job(job: Job, output: Path, segment: Callable, axis: int | str) -> dict
     row = {"volume": str(job.volume), "output": str(output), "status": "ok", "error": ""}
     try:
         volume = read_volume(job.volume)
+        check_mask_path(output, volume.shape_kji[0])
         job_axis = axis if job.axis is None else job.axis
         mask, report = segment(volume, job.prompts, job_axis)
         write_mask(mask, volume.geometry, output)

@@ -17,6 +17,7 @@ Layouts recognised:
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,7 @@ from segment_anything.modeling import (
 
 from ultrasam import safe_pickle
 from ultrasam.atomic import atomic_path
+from ultrasam.checkpoint_shapes import DeclaredShapeError, read_meta
 from ultrasam.predictor import MODES as INFERENCE_MODES
 
 OWN_FORMAT = "ultrasam-slicer"
@@ -42,6 +44,10 @@ ULTRASAM_PREFIXES = ("backbone.", "decoder.", "bbox_head.", "prompt_encoder.")
 SAM_PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 DECODER_HEADS = 8  # SAM's mask decoder; not recoverable from tensor shapes
 ULTRASAM_MLP_FIX = 0.5
+# Weights of the model built from a file may take at most this x the file's size (fp16 files
+# become fp32 models), plus the fixed slack; more means its shapes claim bytes it does not hold.
+MODEL_TO_FILE_RATIO = 2
+MODEL_SLACK_BYTES = 1 << 20
 
 
 class CheckpointError(ValueError):
@@ -138,15 +144,15 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> SamConfig:
     """Read a :class:`SamConfig` off the shapes of a state dict in ``segment_anything`` names."""
     _require(state_dict, ["image_encoder.patch_embed.proj.weight", "image_encoder.pos_embed",
                           "mask_decoder.mask_tokens.weight", "prompt_encoder.mask_downscaling.3.weight"])
+    _require_shapes(state_dict)
     patch = state_dict["image_encoder.patch_embed.proj.weight"]
     embed_dim, patch_size = int(patch.shape[0]), int(patch.shape[-1])
     grid = int(state_dict["image_encoder.pos_embed"].shape[1])
     depth = _count_indexed(state_dict, r"image_encoder\.blocks\.(\d+)\.")
     use_rel_pos = "image_encoder.blocks.0.attn.rel_pos_h" in state_dict
-    heads, window, global_blocks = embed_dim // 64, 0, tuple(range(depth))
+    heads, window, global_blocks = max(embed_dim // 64, 1), 0, tuple(range(depth))
     if use_rel_pos:
-        sizes = [int(state_dict[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] + 1) // 2
-                 for i in range(depth)]
+        sizes = _relative_position_sizes(state_dict, depth, embed_dim)
         heads = embed_dim // int(state_dict["image_encoder.blocks.0.attn.rel_pos_h"].shape[1])
         global_blocks = tuple(i for i, size in enumerate(sizes) if size == grid)
         window = next((size for size in sizes if size != grid), 0)
@@ -172,8 +178,29 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> SamConfig:
 
 
 def build_sam(state_dict: Mapping[str, torch.Tensor]) -> Sam:
-    """A ``Sam`` whose shape is read off ``state_dict`` (SAM names), loaded strictly."""
-    model = sam_from_config(config_from_state_dict(state_dict))
+    """A ``Sam`` whose shape is read off ``state_dict`` (SAM names), loaded strictly.
+
+    The architecture is checked on the ``meta`` device first, so shapes that do not fit are
+    refused before any memory is allocated.
+    """
+    config = check_fits(state_dict)
+    model = sam_from_config(config)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def check_fits(state_dict: Mapping[str, torch.Tensor], max_bytes: int | None = None) -> SamConfig:
+    """The config ``state_dict`` describes, after checking every name and shape against a model of
+    that config built on the ``meta`` device (no memory); with ``max_bytes``, the model's weights
+    must fit in that many bytes. Raises :class:`CheckpointError` naming the first misfit."""
+    try:
+        config = config_from_state_dict(state_dict)
+        with torch.device("meta"):
+            model = sam_from_config(config)
+    except (ValueError, RuntimeError, ZeroDivisionError, OverflowError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"the tensor shapes describe no valid SAM-architecture model ({_first_line(error)})") from None
     missing, unexpected = _key_mismatch(model.state_dict().keys(), state_dict.keys())
     if missing or unexpected:
         raise CheckpointError(
@@ -186,12 +213,21 @@ def build_sam(state_dict: Mapping[str, torch.Tensor]) -> Sam:
                 f"tensor {name} has shape {tuple(state_dict[name].shape)}, a SAM model of this "
                 f"size needs {tuple(expected.shape)}; the file is not a SAM-architecture checkpoint"
             )
-    model.load_state_dict(state_dict, strict=True)
-    return model
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if max_bytes is not None and weight_bytes > max_bytes:
+        raise CheckpointError(f"the tensor shapes describe a model of {weight_bytes / 1e6:.0f} MB, more than the "
+                              f"file holds ({max_bytes / 1e6:.0f} MB allowed); the file is damaged or crafted")
+    return config
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load any supported checkpoint file into a ``Sam`` on ``device`` (eval mode)."""
+    """Load any supported checkpoint file into a ``Sam`` on ``device`` (eval mode).
+
+    Raises:
+        CheckpointError: a one-line reason (missing, damaged, crafted, unsafe, another model), always
+            before the tensors are read when their declared shapes do not fit.
+    """
+    check_declared_shapes(path)
     raw = read_checkpoint_object(path)
     kind, state_dict, info = _identify(raw, Path(path))
     model = build_sam(state_dict).to(device)
@@ -202,27 +238,63 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
     return LoadedModel(model=model, kind=kind, config=config, info=info)
 
 
+def check_declared_shapes(path: str | os.PathLike) -> None:
+    """Refuse, before any tensor data is read, a file whose declared tensors do not fit its own
+    bytes or a SAM-architecture model (:mod:`ultrasam.checkpoint_shapes`)."""
+    path = _existing_torch_file(path)
+    meta = _unpickle(path, read_meta)
+    try:
+        _, state_dict, _ = _identify(meta, path)
+        check_fits(state_dict, MODEL_TO_FILE_RATIO * path.stat().st_size + MODEL_SLACK_BYTES)
+    except CheckpointError as error:
+        message = str(error)
+        raise CheckpointError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+    except Exception as error:  # noqa: BLE001 -- a crafted layout fails in many ways; each is a refusal
+        raise CheckpointError(f"{path}: not a usable checkpoint ({type(error).__name__}: {_first_line(error)})") from None
+
+
 def read_checkpoint_object(path: str | os.PathLike) -> Any:
     """Unpickle a checkpoint file with :mod:`ultrasam.safe_pickle` onto the CPU."""
+    path = _existing_torch_file(path)
+    return _unpickle(path, lambda file: torch.load(file, map_location="cpu", pickle_module=safe_pickle,
+                                                   weights_only=False))
+
+
+def _existing_torch_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file; check the path or download the weights")
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"{path}: the file is empty; download it again")
-    if not zipfile.is_zipfile(path) and not _looks_like_legacy_torch(path):
+    if _looks_like_legacy_torch(path):
+        raise CheckpointError(f"{path}: saved in PyTorch's pre-1.6 format, which cannot be checked before "
+                              "loading; load it with torch and save it again with torch.save")
+    if not zipfile.is_zipfile(path) and _starts_as_zip(path):
+        raise CheckpointError(f"{path}: the checkpoint is truncated or damaged ({size} bytes: it starts as torch's "
+                              "zip format but the archive's directory at its end is missing); download it again")
+    if not zipfile.is_zipfile(path):
         raise CheckpointError(
-            f"{path}: not a PyTorch checkpoint ({size} bytes, neither torch's zip format nor a pickle); "
+            f"{path}: not a PyTorch checkpoint ({size} bytes, not torch's zip format); "
             "a truncated download looks like this too: download it again"
         )
+    return path
+
+
+def _unpickle(path: Path, reader) -> Any:
+    """``reader(path)`` with every way a damaged or crafted file can fail turned into CheckpointError."""
     try:
-        return torch.load(path, map_location="cpu", pickle_module=safe_pickle, weights_only=False)
+        return reader(path)
     except safe_pickle.UnsafePickleError as error:
         raise CheckpointError(f"{path}: refused: {error}. Only load checkpoints from sources you trust") from None
-    except (RuntimeError, EOFError, ValueError, KeyError, OSError, zipfile.BadZipFile) as error:
+    except DeclaredShapeError as error:
+        raise CheckpointError(f"{path}: refused before loading: {error}; the file is damaged or crafted") from None
+    except MemoryError:
+        raise CheckpointError(f"{path}: the file asks for more memory than there is; it is damaged or crafted") from None
+    except Exception as error:  # noqa: BLE001 -- any failure of a damaged file is a refusal, never a traceback
         raise CheckpointError(
             f"{path}: the checkpoint is damaged or truncated ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); download it again"
+            f"{_first_line(error)}); download it again"
         ) from None
 
 
@@ -246,9 +318,20 @@ def save_checkpoint(path: str | os.PathLike, model: Sam, meta: Mapping[str, Any]
 
 
 def atomic_torch_save(payload: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` so that a crash leaves the previous file (or none), never half a file."""
-    with atomic_path(path) as temporary:
+    """``torch.save`` so that a crash or a full disk leaves the previous file (or none), never half
+    a file; a failure raises :class:`~ultrasam.atomic.WriteError` naming ``path``."""
+    with atomic_path(path, check=_complete_zip) as temporary:
         torch.save(payload, temporary)
+
+
+def _complete_zip(path: Path) -> None:
+    """Raise unless ``path`` is a whole zip archive (torch's format): its directory is read from
+    the end and every record must lie within the file."""
+    size = path.stat().st_size
+    with zipfile.ZipFile(path) as archive:
+        for record in archive.infolist():
+            if record.header_offset + record.compress_size > size:
+                raise ValueError(f"record {record.filename} runs past the end of the file")
 
 
 def convert_ultrasam_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -413,6 +496,49 @@ def _describe_config(config: SamConfig) -> str:
         f"SAM-architecture ViT: width {config.encoder_embed_dim}, depth {config.encoder_depth}, "
         f"{config.encoder_num_heads} heads, input {config.image_size}"
     )
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:300] if lines else "no detail"
+
+
+def _require_shapes(state_dict: Mapping[str, Any]) -> None:
+    """The tensors the config is read from must have the ranks and non-zero sizes SAM gives them."""
+    ranks = {"image_encoder.patch_embed.proj.weight": 4, "image_encoder.pos_embed": 4,
+             "mask_decoder.mask_tokens.weight": 2, "prompt_encoder.mask_downscaling.3.weight": 4,
+             "image_encoder.blocks.0.mlp.lin1.weight": 2,
+             "mask_decoder.transformer.layers.0.mlp.lin1.weight": 2,
+             "mask_decoder.iou_prediction_head.layers.0.weight": 2}
+    for name, rank in ranks.items():
+        if name not in state_dict:
+            continue  # reported by the key comparison
+        shape = tuple(state_dict[name].shape)
+        if len(shape) != rank or 0 in shape:
+            raise CheckpointError(f"tensor {name} has shape {shape}; SAM needs {rank} non-zero sizes there")
+
+
+def _relative_position_sizes(state_dict: Mapping[str, Any], depth: int, embed_dim: int) -> list[int]:
+    """Attention window of each encoder block, read off its relative-position tables; each table
+    is checked itself, so a bad one is named rather than blamed on its neighbour."""
+    sizes = []
+    for block in range(depth):
+        names = [f"image_encoder.blocks.{block}.attn.rel_pos_{axis}" for axis in "hw"]
+        _require(state_dict, names)
+        shape, other = (tuple(state_dict[name].shape) for name in names)
+        if len(shape) != 2 or shape[0] % 2 == 0 or shape[1] == 0 or embed_dim % shape[1]:
+            raise CheckpointError(f"tensor {names[0]} has shape {shape}; SAM needs (2 x window - 1, head width) "
+                                  f"with a head width dividing {embed_dim}")
+        if other != shape:
+            raise CheckpointError(f"tensor {names[0]} has shape {shape} but {names[1]} has {other}; "
+                                  "SAM's two tables of a block have the same shape")
+        sizes.append((shape[0] + 1) // 2)
+    return sizes
+
+
+def _starts_as_zip(path: Path) -> bool:
+    with open(path, "rb") as stream:
+        return stream.read(4) == b"PK\x03\x04"
 
 
 def _looks_like_legacy_torch(path: Path) -> bool:

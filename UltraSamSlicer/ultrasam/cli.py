@@ -56,17 +56,24 @@ NO_REGISTERED_COMMANDS = ("\n  none found; installing this project (pip install 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    registered = registered_commands()
-    if argv and argv[0] in registered:
-        return registered[argv[0]].load()(argv[1:])
-    parser = build_parser(registered)
-    args = parser.parse_args(argv)
     try:
+        registered = registered_commands()
+        if argv and argv[0] in registered:
+            return registered[argv[0]].load()(argv[1:])
+        args = build_parser(registered).parse_args(argv)
         return args.run(args)
     except (ValueError, OSError, RuntimeError) as error:
         # Every expected failure carries a message meant for the user; no traceback.
         print(f"ultrasam: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return _interrupted("ultrasam")
+
+
+def _interrupted(program: str) -> int:
+    """What Ctrl+C prints instead of a traceback; the shell's exit status for SIGINT."""
+    print(f"\n{program}: interrupted; files being written were left as they were", file=sys.stderr)
+    return 130
 
 
 def registered_commands() -> dict[str, metadata.EntryPoint]:
@@ -177,6 +184,8 @@ def _add_info(commands) -> None:
 def _add_download(commands) -> None:
     parser = commands.add_parser("download", help="download the official UltraSam weights (needs internet)")
     parser.add_argument("--cache-dir", help="folder to keep them in (default: $ULTRASAM_CACHE or ~/.cache/ultrasam)")
+    parser.add_argument("--url", help="where to fetch UltraSam.pth (default: CAMMA's official address; a mirror "
+                        "serving the same file works too, the file is checked by loading it)")
     parser.set_defaults(run=_run_download)
 
 
@@ -237,11 +246,14 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_segment(args: argparse.Namespace) -> int:
-    from ultrasam.atomic import write_text_atomic
+    from ultrasam.atomic import atomic_group, check_writable, write_text_atomic
     from ultrasam.batch import segment_volume
-    from ultrasam.volume_io import read_volume, write_mask
+    from ultrasam.volume_io import check_mask_path, read_volume, write_mask
 
     volume = read_volume(args.input, frame=args.time_frame)
+    check_mask_path(args.output, volume.shape_kji[0])  # before the model loads and any slice runs
+    if args.report:
+        check_writable(args.report)
     prompts = _volume_prompts(args, volume.shape_kji[0] == 1)
     axis = 0 if volume.shape_kji[0] == 1 else args.axis
     span = tuple(args.span) if args.span else None
@@ -254,9 +266,11 @@ def _run_segment(args: argparse.Namespace) -> int:
         with _progress(volume.shape_kji, axis, args.propagate) as on_slice:
             mask, report = segment_volume(volume, predictor, prompts, axis=axis, propagate=args.propagate,
                                           window=_window(args), rules=_stop_rules(args), on_slice=on_slice, span=span)
-    write_mask(mask, volume.geometry, args.output)
-    if args.report:
-        write_text_atomic(args.report, json.dumps(report, indent=2))
+    _print_warnings(report)
+    with atomic_group() as group:  # the mask and its report replace the old ones together, or neither
+        write_mask(mask, volume.geometry, args.output, group=group)
+        if args.report:
+            write_text_atomic(args.report, json.dumps(report, indent=2), group)
     print(f"wrote {args.output}: {int(mask.sum())} voxels on {len(report['segmented_slices'])} slice(s)")
     return 0
 
@@ -286,9 +300,9 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _run_download(args: argparse.Namespace) -> int:
-    from ultrasam.download import download_official_weights
+    from ultrasam.download import OFFICIAL_URL, download_official_weights
 
-    print(download_official_weights(args.cache_dir))
+    print(download_official_weights(args.cache_dir, url=args.url or OFFICIAL_URL))
     return 0
 
 
@@ -323,6 +337,11 @@ def _server_segmenter(args: argparse.Namespace, span: dict | None = None):
                                                            rules, span)
 
 
+def _print_warnings(report: dict) -> None:
+    for warning in report.get("warnings", []):
+        print(f"ultrasam: warning: {warning}", file=sys.stderr)
+
+
 def _stop_rules(args: argparse.Namespace) -> StopRules:
     return StopRules(min_area=args.min_area, min_iou=args.min_iou, max_growth=args.max_growth,
                      growth_floor=args.growth_floor)
@@ -343,6 +362,8 @@ def _volume_prompts(args: argparse.Namespace, is_2d: bool):
         points = np.reshape(values, (count, width))
         return np.pad(points, ((0, 0), (0, 3 - width))) if width == 2 else points
 
+    for box in args.box:
+        _check_box_order(box, args.frame)
     points = [position(p, "--point")[0] for p in args.point] + [position(p, "--negative")[0] for p in args.negative]
     labels = [1] * len(args.point) + [0] * len(args.negative)
     boxes = [SliceBox(*position(b, "--box", 2), frame=args.frame) for b in args.box]
@@ -352,6 +373,17 @@ def _volume_prompts(args: argparse.Namespace, is_2d: bool):
     if prompts.is_empty():
         raise ValueError("no prompt given: add --point, --negative, --box or --roi (see --help)")
     return prompts
+
+
+def _check_box_order(values: list[float], frame: str) -> None:
+    """Voxel/pixel boxes are (low corner, high corner), as in the Python API; never swapped.
+    (RAS/LPS boxes are two opposite corners: their axes need not run like the voxel axes.)"""
+    if frame != "ijk" or len(values) not in (4, 6):
+        return
+    low, high = np.reshape(values, (2, -1))
+    if np.any(high < low) or np.count_nonzero(high > low) < 2:
+        raise ValueError(f"--box must be X0 Y0 X1 Y1 (or X0 Y0 Z0 X1 Y1 Z1 on one slice) with X1 > X0 and "
+                         f"Y1 > Y0, got {values}; give the top-left corner first")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -128,6 +128,7 @@ class RunState:
     summary: str = ""
     propagated: bool = False
     slices: tuple = ()  # per-slice report rows (ultrasam.batch.slice_rows) when done
+    warnings: tuple = ()  # what to look at again (ultrasam.content_checks.result_warnings) when done
 
 
 class RemoteSession:
@@ -171,7 +172,8 @@ class RemoteSession:
 
     def _take(self, answer: dict) -> RunState:
         state = RunState(answer["state"], tuple(answer.get("progress", (0, 0))), answer.get("error", ""),
-                         answer.get("summary", ""), answer.get("propagated", False), tuple(answer.get("slices", ())))
+                         answer.get("summary", ""), answer.get("propagated", False), tuple(answer.get("slices", ())),
+                         tuple(answer.get("warnings", ())))
         if state.state == "done" and answer["version"] != self.version:
             mask = self.mask.copy()  # replaced whole: a half-applied update is never seen
             self.mask, self.version = apply_slices(mask, answer["masks"]), answer["version"]
@@ -189,8 +191,8 @@ def segment_on_server(client: Client, volume, prompts, axis: int, propagate: boo
         axis: numpy axis 0/1/2; rules, span: as :meth:`RemoteSession.start`.
 
     Returns:
-        (K, J, I) uint8 mask and a report with :func:`ultrasam.batch.volume_report`'s totals and slice
-        rows (no walks: the server does not send them).
+        (K, J, I) uint8 mask and a report with :func:`ultrasam.batch.volume_report`'s totals, slice
+        rows and warnings (no walks: the server does not send them).
     """
     geometry = volume.geometry
     session = client.open_volume(volume.voxels, geometry.origin_lps, geometry.spacing, geometry.direction_lps,
@@ -213,6 +215,7 @@ def segment_on_server(client: Client, volume, prompts, axis: int, propagate: boo
         "volume": volume.name, "server": client.url, "axis": axis, "summary": state.summary,
         "key_slices": sorted({row["key"] for row in rows}), "segmented_slices": sorted(segmented),
         "voxels": voxels, "volume_ml": round(voxels * float(np.prod(geometry.spacing)) / 1000.0, 4), "slices": rows,
+        "warnings": list(state.warnings),
     }
 
 

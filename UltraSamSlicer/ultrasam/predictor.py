@@ -3,8 +3,8 @@
 Three modes share one code path and differ only where the models they serve differ:
 
 ``"ultrasam"`` (default for UltraSam weights), after mmdet's pipeline as UltraSam uses it:
-  - resize: ``new = int(side * (S / long_side))`` (truncating; 958x533 -> 1023x569), bilinear
-    without antialiasing (OpenCV's rule), rounded to 8 bits;
+  - resize: mmdet's ``FixScaleResize``, ``new = int(side * (S / long_side))`` (truncating;
+    958x533 -> 1023x569) with ``cv2.resize`` (bilinear, uint8), see :mod:`ultrasam.resize`;
   - two-pass "refine" inference: pass 1 with the prompt (single mask); pass 2 with pass 1's
     low-resolution logits as mask input plus a box (the prompt's box, or for a single point the
     bounding box of pass 1's mask), multimask output, the mask with the highest predicted IoU kept;
@@ -12,9 +12,10 @@ Three modes share one code path and differ only where the models they serve diff
     to the image and keep every pixel above 0.
 ``"sam"`` (Meta's ``SamPredictor``): rounded resize with PIL's bilinear filter, one pass, the upsampled
   logits thresholded at 0, multimask output for a lone point.
-``"refine"`` (models trained by ``ultrasam_training`` with the refine round): UltraSam's resize and
-  two passes, with SAM's post-processing (the logits upsampled, then thresholded), as that
-  training validates them. UltraSam's binary-mask resize grows a mask by up to one low-resolution
+``"refine"`` (models trained by ``ultrasam_training`` with the refine round): the resize of that
+  training (``ultrasam_training.prepare``: UltraSam's truncated size, torch's bilinear rounded to
+  8 bits) and two passes, with SAM's post-processing (the logits upsampled, then thresholded), as
+  that training validates them. UltraSam's binary-mask resize grows a mask by up to one low-resolution
   cell, which is 4 input pixels for SAM but 1/64 of the image for a model with a 64 x 64 grid.
 
 Frames: prompts and masks are in the original image's pixel frame ``xy`` (x = column, integer
@@ -37,22 +38,23 @@ from segment_anything.modeling import Sam
 
 from ultrasam.device import autocast_for, choose_device, configure_device
 from ultrasam.fast_attention import WarmCompiled, accelerate_image_encoder
+from ultrasam.resize import fix_scale_size, resize_like_mmdet
 
 
 @dataclass(frozen=True)
 class Rules:
     """What an inference mode decides (see the module docstring)."""
 
-    truncating_resize: bool  # mmdet's int() resize without antialiasing; else SamPredictor's rounded PIL resize
+    resize: str  # "mmdet": cv2, truncated size (UltraSam); "sam": PIL, rounded size; "training": torch, truncated
     refine: bool  # UltraSam's second pass
     binary_upsample: bool  # resize the thresholded low-res mask (UltraSam); else the logits (SAM)
     multimask_lone_point: bool  # SAM's three candidates for a single click
 
 
 RULES = {
-    "ultrasam": Rules(truncating_resize=True, refine=True, binary_upsample=True, multimask_lone_point=False),
-    "sam": Rules(truncating_resize=False, refine=False, binary_upsample=False, multimask_lone_point=True),
-    "refine": Rules(truncating_resize=True, refine=True, binary_upsample=False, multimask_lone_point=False),
+    "ultrasam": Rules(resize="mmdet", refine=True, binary_upsample=True, multimask_lone_point=False),
+    "sam": Rules(resize="sam", refine=False, binary_upsample=False, multimask_lone_point=True),
+    "refine": Rules(resize="training", refine=True, binary_upsample=False, multimask_lone_point=False),
 }
 MODES = tuple(RULES)
 
@@ -227,9 +229,9 @@ class Predictor:
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) of an (height, width) image resized into the model's S x S input."""
+        if self.rules.resize != "sam":
+            return fix_scale_size(height, width, self.image_size)
         scale = self.image_size / max(height, width)
-        if self.rules.truncating_resize:
-            return int(height * scale), int(width * scale)
         return int(height * scale + 0.5), int(width * scale + 0.5)
 
     @torch.inference_mode()
@@ -255,14 +257,15 @@ class Predictor:
 
     def _resize(self, image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
         """(H, W, 3) uint8 -> (1, 3, h, w) float holding 8-bit values, as each reference resizes."""
-        if not self.rules.truncating_resize:  # SamPredictor resizes with PIL (antialiased bilinear)
+        if self.rules.resize == "training":  # as ultrasam_training.prepare, computed on the device
+            pixels = torch.from_numpy(np.require(image, requirements=["C", "W"])).to(self.device).permute(2, 0, 1)[None]
+            resized = F.interpolate(pixels.float(), size=size, mode="bilinear", align_corners=False)
+            return resized.round_().clamp_(0, 255)
+        if self.rules.resize == "mmdet":
+            resized = resize_like_mmdet(image, size)
+        else:  # SamPredictor: PIL's bilinear (antialiased)
             resized = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
-            return torch.from_numpy(resized.copy()).to(self.device).permute(2, 0, 1)[None].float()
-        # mmcv/OpenCV bilinear, no antialiasing, in 8 bits; computed on the device. OpenCV's
-        # fixed-point arithmetic can differ from this by one grey level on some pixels.
-        pixels = torch.from_numpy(np.require(image, requirements=["C", "W"])).to(self.device).permute(2, 0, 1)[None].float()
-        resized = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
-        return torch.floor_(resized + 0.5).clamp_(0, 255)
+        return torch.from_numpy(np.require(resized, requirements=["C", "W"])).to(self.device).permute(2, 0, 1)[None].float()
 
     def _content_key(self, image: np.ndarray) -> str:
         digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16)

@@ -93,6 +93,7 @@ class OpenSession:
     summary: str = ""
     propagated: bool = False
     rows: list = field(default_factory=list)  # the latest result's per-slice report rows
+    warnings: list = field(default_factory=list)  # the latest result's (ultrasam.content_checks)
 
 
 class Engine:
@@ -121,7 +122,10 @@ class Engine:
             raise ApiError(400, str(error)) from None
         size = voxels.size * 4  # the float32 slices and uint8 masks built from the voxels, roughly
         self._make_room(size)
-        session = SegmentationSession(Volume(voxels, geometry, str(header.get("name", ""))), self.cache)
+        try:
+            session = SegmentationSession(Volume(voxels, geometry, str(header.get("name", ""))), self.cache)
+        except ValueError as error:  # a blank or non-finite volume: nothing to segment
+            raise ApiError(422, str(error)) from None
         session_id = secrets.token_urlsafe(12)
         opened = OpenSession(session, size)
         opened.versions[0] = np.zeros(voxels.shape, np.uint8)
@@ -181,7 +185,8 @@ class Engine:
             run.collected = True
             self._embed_ahead(opened)
         return {"state": "done", "version": opened.version, "summary": opened.summary, "axis": opened.axis,
-                "propagated": opened.propagated, "slices": opened.rows, "masks": self._changes(opened, base)}
+                "propagated": opened.propagated, "slices": opened.rows, "warnings": opened.warnings,
+                "masks": self._changes(opened, base)}
 
     def mask(self, session_id: str) -> dict:
         opened = self.get(session_id)
@@ -236,7 +241,7 @@ class Engine:
         from ultrasam.batch import slice_rows
 
         opened.axis = result.axis
-        opened.summary, opened.propagated = result.summary(), result.propagated
+        opened.summary, opened.propagated, opened.warnings = result.summary(), result.propagated, result.warnings
         opened.rows = slice_rows(result.slices, float(np.prod(opened.session.slices().pixel_spacing)))
 
     def _changes(self, opened: OpenSession, base: int | None) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ultrasam.atomic import atomic_path
+from ultrasam.atomic import AtomicGroup, atomic_group, check_writable
 from ultrasam.geometry import Geometry, Volume
 
 VOLUME_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
@@ -49,6 +49,8 @@ def read_volume(path: str | os.PathLike, frame: int | None = None) -> Volume:
     image = _read_dicom_series(path) if path.is_dir() else _read_file(path)
     image = _select_frame(image, frame, path)
     voxels = sitk.GetArrayFromImage(image)
+    if full_suffix(path) in (".nii", ".nii.gz") and voxels.dtype.kind == "f":
+        _restore_nifti_nonfinite(path, voxels)
     voxels = _normalise_channels(voxels, image.GetNumberOfComponentsPerPixel(), path)
     if image.GetDimension() == 2:
         voxels = voxels[np.newaxis]
@@ -72,22 +74,21 @@ def write_mask(
     path: str | os.PathLike,
     segment_name: str = "UltraSam",
     color: tuple[float, float, float] = (0.9, 0.4, 0.2),
+    group: AtomicGroup | None = None,
 ) -> Path:
     """Write a binary (K, J, I) mask in ``geometry``, atomically (no partial file on failure).
 
     The format follows the suffix: ``.png`` (2D only, 0/255), ``.nii[.gz]``, ``.nrrd``, ``.mha``
     (uint8 label map, 1 = object), or ``.seg.nrrd`` (a Slicer segmentation with one segment).
+    With ``group``, the file replaces ``path`` only when every file of the group is written.
+    A failed write raises :class:`~ultrasam.atomic.WriteError` naming ``path``.
     """
     path = Path(path)
-    suffix = full_suffix(path)
-    if suffix not in MASK_SUFFIXES:
-        raise ValueError(f"{path}: cannot write a mask as {suffix!r}; use one of {MASK_SUFFIXES}")
     mask = np.asarray(mask).astype(bool)
     if mask.ndim != 3:
         raise ValueError(f"mask must be (K, J, I), got shape {mask.shape}")
+    suffix = check_mask_format(path, mask.shape[0])
     if suffix == ".png":
-        if mask.shape[0] != 1:
-            raise ValueError(f"{path}: PNG holds one 2D mask; this one has {mask.shape[0]} slices, write NIfTI/NRRD")
         image = sitk.GetImageFromArray(mask[0].astype(np.uint8) * 255)
     else:
         image = sitk.GetImageFromArray(mask.astype(np.uint8))
@@ -96,8 +97,28 @@ def write_mask(
         image.SetDirection(geometry.direction_lps.flatten().tolist())
         if suffix == ".seg.nrrd":
             _add_segmentation_header(image, mask, segment_name, color)
-    _write_atomically(image, path, suffix)
+    if group is None:
+        with atomic_group() as group:
+            _write_verified(image, path, suffix, group)
+    else:
+        _write_verified(image, path, suffix, group)
     return path
+
+
+def check_mask_format(path: str | os.PathLike, slices: int) -> str:
+    """The suffix of ``path`` if it can hold a mask of ``slices`` slices; else a ValueError."""
+    suffix = full_suffix(path)
+    if suffix not in MASK_SUFFIXES:
+        raise ValueError(f"{path}: cannot write a mask as {suffix!r}; use one of {', '.join(MASK_SUFFIXES)}")
+    if suffix == ".png" and slices != 1:
+        raise ValueError(f"{path}: PNG holds one 2D mask; this one has {slices} slices, write NIfTI/NRRD")
+    return suffix
+
+
+def check_mask_path(path: str | os.PathLike, slices: int) -> None:
+    """Refuse, before any work, a mask path whose format or folder cannot take the result."""
+    check_mask_format(path, slices)
+    check_writable(path)
 
 
 def _read_file(path: Path) -> sitk.Image:
@@ -140,6 +161,36 @@ def _select_frame(image: sitk.Image, frame: int | None, path: Path) -> sitk.Imag
     size = list(image.GetSize())
     size[3] = 0
     return sitk.Extract(image, size, [0, 0, 0, frame])
+
+
+# NIfTI-1 float datatypes (codes 16, 64) and their numpy types; byte order comes from sizeof_hdr.
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _restore_nifti_nonfinite(path: Path, voxels: np.ndarray) -> None:
+    """Put back the NaN and infinities that SimpleITK's NIfTI reader turns into 0, so that a
+    volume of NaN is seen for what it is (content_checks) instead of as a black image."""
+    import gzip
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as stream:
+            header = stream.read(348)
+            order = "<" if int.from_bytes(header[:4], "little") == 348 else ">"
+            code = int(np.frombuffer(header[70:72], f"{order}i2")[0])
+            offset = int(np.frombuffer(header[108:112], f"{order}f4")[0])
+            if code not in _NIFTI_FLOATS:
+                return
+            stream.read(max(offset - 348, 0))
+            dtype = np.dtype(f"{order}{_NIFTI_FLOATS[code]}")
+            raw = np.frombuffer(stream.read(voxels.size * dtype.itemsize), dtype)
+    except (OSError, EOFError, ValueError, IndexError):
+        return  # SimpleITK read it; keep what it gave
+    if raw.size != voxels.size:
+        return
+    raw = raw.reshape(voxels.shape)
+    bad = ~np.isfinite(raw)
+    voxels[bad] = raw[bad]
 
 
 def _normalise_channels(voxels: np.ndarray, components: int, path: Path) -> np.ndarray:
@@ -188,9 +239,21 @@ def _add_segmentation_header(image: sitk.Image, mask: np.ndarray, name: str, col
         image.SetMetaData(key, value)
 
 
-def _write_atomically(image: sitk.Image, path: Path, suffix: str) -> None:
-    with atomic_path(path, suffix) as temporary:
-        sitk.WriteImage(image, str(temporary), useCompression=suffix != ".png")
+def _write_verified(image: sitk.Image, path: Path, suffix: str, group: AtomicGroup) -> None:
+    # SimpleITK's writers return without error on a full disk, so the file is read back.
+    expected = sitk.GetArrayFromImage(image)
+
+    def same_voxels(written: Path) -> None:
+        try:
+            same = np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(written))), expected)
+        except RuntimeError:
+            same = False
+        if not same:
+            raise ValueError(f"{written.stat().st_size} bytes reached the disk and do not read back as the mask; "
+                             "is the disk full?")
+
+    temporary = group.add(path, suffix, check=same_voxels)
+    sitk.WriteImage(image, str(temporary), useCompression=suffix != ".png")
 
 
 def _first_line(error: Exception) -> str:

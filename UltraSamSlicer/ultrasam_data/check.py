@@ -2,8 +2,9 @@
 
 Reports missing or unreadable image files, images whose size differs from their COCO record,
 masks that are corrupt, empty, outside the image or of another size, annotations of unknown
-images and images left without any object. Bad samples are skipped and counted, never fatal:
-the report lists the usable indices, and ``dataset.subset(report.good)`` trains on them.
+images and images left without any object. Every bad item is listed; the command exits 1 when
+there is any (training refuses the same data unless ``data.skip_bad_samples``), 0 when all is
+usable. The report lists the usable indices, and ``dataset.subset(report.good)`` trains on them.
 
 Command line (``ultrasam check-data`` wraps it)::
 
@@ -79,11 +80,15 @@ def check_dataset(dataset: CocoDataset, progress: bool = True) -> CheckReport:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Report missing files and bad masks in COCO data sets; exit 1 when nothing is usable."""
+    """Report missing files and bad masks in COCO data sets; exit 1 when anything is wrong.
+
+    Exit status 0 when every item is usable, 1 when anything is missing, unreadable or unusable,
+    2 when the sources themselves do not exist.
+    """
     parser = argparse.ArgumentParser(
         prog="ultrasam check-data",
         description="Check training data (US-43d COCO layout): missing files, bad or empty masks, "
-                    "size mismatches. Bad samples are reported and skipped, never fatal.",
+                    "size mismatches. Exits 1 when anything is missing, unreadable or unusable.",
         epilog="examples:\n"
                "  ultrasam check-data data/BUSBRA/annotations/BUSBRA__coco.json\n"
                "  ultrasam check-data data/US43d --split train --examples 10",
@@ -102,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     report = check_dataset(dataset)
     print(report.format(args.examples))
-    return 0 if report.good else 1
+    return 0 if report.good and not report.problems else 1
 
 
 if __name__ == "__main__":

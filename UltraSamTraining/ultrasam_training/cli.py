@@ -30,6 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (config_module.ConfigError, RuntimeError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nultrasam-train: interrupted; resume.pt keeps the last checkpoint, run the same command to resume",
+              file=sys.stderr)
+        return 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     make.add_argument("--checkpoint", default="", help="weights to start from (UltraSam, SAM, USF-MAE)")
     make.add_argument("--output-dir", default="ultrasam-run")
     make.add_argument("--steps", type=int)
+    make.add_argument("--skip-bad-samples", action="store_true",
+                      help="train without unusable annotations and images (each is reported) instead of refusing")
     make.set_defaults(run=_config)
 
     train = commands.add_parser("train", help="train in this process (torchrun-aware)")
@@ -77,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 def _config(args) -> int:
     values = {
         "output_dir": args.output_dir,
-        "data": {"train": args.train, "val": args.val},
+        "data": {"train": args.train, "val": args.val, "skip_bad_samples": args.skip_bad_samples},
         "model": {"init": args.init, "checkpoint": args.checkpoint},
     }
     if args.steps is not None:

@@ -47,6 +47,9 @@ class DataConfig:
     ``val_fraction`` of each training data set is held out for validation, by whole
     patient/volume groups (``split_by = "group"``, no slice of a validation volume is trained on)
     or by image (``"image"``, UltraSam's random 95/5 split, which leaks neighbouring slices).
+    ``skip_bad_samples``: with false (the default) training refuses to start when the data has
+    unusable annotation files, annotations or images, and lists them; with true it trains on the
+    rest and records every skipped item (:mod:`ultrasam_training.skipped`).
     """
 
     train: list[str] = field(default_factory=list)
@@ -56,6 +59,7 @@ class DataConfig:
     image_root: str = ""
     max_objects: int = 20
     flip: bool = True
+    skip_bad_samples: bool = False
 
 
 @dataclass

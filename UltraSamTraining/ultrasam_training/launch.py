@@ -166,7 +166,8 @@ class Progress:
 
     ``state``: "waiting" (no metrics yet), "running", "done" or "error". ``loss`` and ``dice``
     are (step, value) series for plots; ``val_dice`` / ``best_dice`` the last and best validation
-    Dice; ``eta_s`` the estimated seconds left from the recent rate.
+    Dice; ``eta_s`` the estimated seconds left from the recent rate; ``skipped`` a summary of the
+    training data left out (see :mod:`ultrasam_training.skipped`).
     """
 
     state: str = "waiting"
@@ -180,6 +181,7 @@ class Progress:
     eta_s: Optional[float] = None
     message: str = ""
     model: Optional[str] = None
+    skipped: str = ""
 
     @property
     def fraction(self) -> float:
@@ -214,6 +216,9 @@ def read_progress(run_dir: str | Path) -> Progress:
             progress.state, progress.model = "done", record.get("best") or record.get("model")
         elif kind == "error":
             progress.state, progress.message = "error", record.get("message", "")
+        elif kind == "skipped":
+            kinds = ", ".join(f"{name} {count}" for name, count in sorted(record.get("kinds", {}).items()))
+            progress.skipped = f"{record.get('count', 0)} data items skipped ({kinds}; see metrics.jsonl)"
     if progress.state == "running" and len(timed) >= 2 and timed[-1][0] > timed[0][0]:
         seconds_per_step = (timed[-1][1] - timed[0][1]) / (timed[-1][0] - timed[0][0])
         progress.eta_s = seconds_per_step * (progress.steps - progress.step)

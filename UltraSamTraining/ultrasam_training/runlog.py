@@ -1,7 +1,7 @@
 """A run's metrics: one JSON object per line in ``metrics.jsonl``, plus TensorBoard when available.
 
-Every record has ``kind`` ("start", "train", "val", "checkpoint", "done", "error"), ``step`` and
-``time`` (Unix seconds). The launcher and the Slicer module read this file to show progress, so
+Every record has ``kind`` ("skipped", "start", "train", "val", "checkpoint", "done", "error"),
+``step`` and ``time`` (Unix seconds); "skipped" lists the training data left out. The launcher and the Slicer module read this file to show progress, so
 each line is written whole and flushed. TensorBoard events go to ``<run>/tensorboard`` when the
 ``tensorboard`` package is installed (``torch.utils.tensorboard`` needs it); without it the JSONL
 file is the only record.
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ultrasam.atomic import write_text_atomic
+from ultrasam.atomic import WriteError, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -48,8 +48,11 @@ class RunLog:
 
     def write(self, kind: str, step: int, **values: Any) -> None:
         record = {"kind": kind, "step": step, "time": time.time(), **values}
-        self._stream.write(json.dumps(record) + "\n")
-        self._stream.flush()
+        try:
+            self._stream.write(json.dumps(record) + "\n")
+            self._stream.flush()
+        except OSError as error:  # a full disk: say which file
+            raise WriteError.of(self.path, error, "the records before this one are kept") from None
         if self._writer is not None:
             for name, value in _scalars(values):
                 self._writer.add_scalar(f"{kind}/{name}", value, step)

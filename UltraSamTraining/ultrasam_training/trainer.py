@@ -37,6 +37,7 @@ from ultrasam_training.evaluate import evaluate
 from ultrasam_training.model_init import build_model
 from ultrasam_training.prepare import PrepareOptions, PreparedDataset, StepBatches, collate
 from ultrasam_training.runlog import RunLog
+from ultrasam_training.skipped import report_skips, without_missing_images
 from ultrasam_training.step import TrainingModel
 
 RESUME_FILE = "resume.pt"
@@ -70,21 +71,28 @@ def lr_factor(step: int, warmup: int, milestones: Sequence[int], gamma: float) -
     return warm * gamma ** sum(step >= m for m in milestones)
 
 
-def open_datasets(config: DataConfig, seed: int) -> tuple[Sequence[Any], Optional[Sequence[Any]]]:
+def open_datasets(config: DataConfig, seed: int, log: Optional[RunLog] = None) -> tuple[Sequence[Any], Optional[Sequence[Any]]]:
     """Training and validation samples (validation: ``data.val``, else a held-out split, else None).
 
-    Bad annotations are dropped by the reader; the split is deterministic, so every rank gets the same.
+    Bad annotations and missing image files are left out and reported, or refused unless
+    ``data.skip_bad_samples`` (:mod:`ultrasam_training.skipped`); the split is deterministic, so
+    every rank gets the same.
     """
+    problems = []
+
     def open_files(files: Sequence[str], max_objects: int) -> CocoDataset:
-        return CocoDataset(list(files), max_objects=max_objects, image_root=config.image_root or None)
+        dataset = CocoDataset(list(files), max_objects=max_objects, image_root=config.image_root or None)
+        dataset, missing = without_missing_images(dataset)
+        problems.extend(dataset.problems + missing)
+        return dataset
 
     # Training reads every object; prepare() draws max_objects afresh per step (the reader's own
     # draw would repeat the same subset every epoch).
     train_set = open_files(config.train, sys.maxsize)
-    if config.val:
-        return train_set, open_files(config.val, config.max_objects)
-    if config.val_fraction == 0:
-        return train_set, None
+    val_set = open_files(config.val, config.max_objects) if config.val else None
+    report_skips(problems, config.skip_bad_samples, log)
+    if config.val or config.val_fraction == 0:
+        return train_set, val_set
     split = split_dataset(train_set, config.val_fraction, seed, by=config.split_by)
     return train_set.subset(split.train), train_set.subset(split.val)
 
@@ -146,20 +154,21 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
         # Unused per step: the negative-point embedding, and mask heads no object was closest with.
         net = DistributedDataParallel(net, device_ids=[device.index] if on_gpu else None, find_unused_parameters=True)
 
-    train_set, val_set = _prepared_datasets(config, sam.image_encoder.img_size, sam.prompt_encoder.mask_input_size[0], procs)
-    batches = StepBatches(len(train_set), config.run.batch_size, config.run.seed, start, config.run.steps,
-                          procs.rank, procs.world)
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
-                                         num_workers=config.run.num_workers)
-
     log = RunLog(run_dir, resume_step=start, tensorboard=True) if procs.main else None
-    if log:
-        save_config(config, run_dir / "config.json")
-        log.write("start", start, steps=config.run.steps, world=procs.world, device=str(device),
-                  precision=str(autocast or torch.float32), images=len(train_set),
-                  val_images=len(val_set) if val_set else 0)
     step, logged, tick = start, start, time.time()
     try:
+        # Opened with the log open, so a refusal of the data reaches metrics.jsonl (and the Slicer module).
+        train_set, val_set = _prepared_datasets(config, sam.image_encoder.img_size,
+                                                sam.prompt_encoder.mask_input_size[0], procs, log)
+        batches = StepBatches(len(train_set), config.run.batch_size, config.run.seed, start, config.run.steps,
+                              procs.rank, procs.world)
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
+                                             num_workers=config.run.num_workers)
+        if log:
+            save_config(config, run_dir / "config.json")
+            log.write("start", start, steps=config.run.steps, world=procs.world, device=str(device),
+                      precision=str(autocast or torch.float32), images=len(train_set),
+                      val_images=len(val_set) if val_set else 0)
         for items in loader:
             parts = optimise(net, sam, optimizer, scheduler, items, config.optim.clip_norm)
             step += 1
@@ -193,9 +202,9 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
             log.close()
 
 
-def _prepared_datasets(config: TrainConfig, image_size: int, low_res_size: int, procs: Processes):
+def _prepared_datasets(config: TrainConfig, image_size: int, low_res_size: int, procs: Processes, log):
     """(training items with random prompts, validation items with fixed prompts or None; rank 0 only)."""
-    train_samples, val_samples = open_datasets(config.data, config.run.seed)
+    train_samples, val_samples = open_datasets(config.data, config.run.seed, log)
     train_set = PreparedDataset(
         train_samples,
         PrepareOptions(image_size, config.data.max_objects, config.data.flip, "random",

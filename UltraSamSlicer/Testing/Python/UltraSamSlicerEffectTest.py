@@ -1,10 +1,12 @@
 """Self-test of the UltraSam Segment Editor effect, driven through a real qMRMLSegmentEditorWidget.
 
 Run in Slicer: ``Slicer --no-splash --testing --python-script UltraSamSlicerEffectTest.py`` (ctest
-registers it as ``py_UltraSamSlicerEffectTest``). Needs no model and no network: the effect's
-session gets a stand-in model that thresholds the slice it is given, so the expected voxels are
-those of a bright ball in the test volume. Checks the preview, Apply as one undo step, undo/redo,
-and Discard.
+registers it as ``py_UltraSamSlicerEffectTest``). Needs no model, no server, no torch and no
+network, as on the Extensions Index build machines: the effect talks to a numpy stand-in for the
+server's client (slicer_test_fakes.NumpySession, which says what it assumes and where that is
+checked) whose model thresholds the slice it is given, so the expected voxels are those of a bright
+ball in the test volume. Checks the preview, Apply as one undo step, undo/redo, and Discard; that
+the effect keeps its options in the editor's node; and that it leaves hovered markups to Markups.
 """
 
 import time
@@ -15,7 +17,7 @@ import vtk
 
 import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
-from slicer_test_fakes import InlineSession, ball
+from slicer_test_fakes import NumpySession, ball
 
 SHAPE = (14, 20, 22)
 CENTER_KJI = np.array([7, 10, 11])
@@ -28,17 +30,27 @@ class UltraSamSlicerEffectTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
+        self.test_options_and_hovered_markups_need_no_torch()
+        self.setUp()
         self.test_preview_apply_undo_redo()
 
+    def test_options_and_hovered_markups_need_no_torch(self):
+        _, _, editor = self.makeScene()
+        effect = editor.effectByName("UltraSam").self()
+        # The editor ran the effect's setMRMLDefaults when it got its node (qMRMLSegmentEditorWidget).
+        self.assertEqual(editor.mrmlSegmentEditorNode().GetAttribute("UltraSam.Direction"), "both")
+        points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+        points.AddControlPoint(0.0, 0.0, 0.0)
+        points.CreateDefaultDisplayNodes()
+        self.assertFalse(effect.markupsHovered())
+        points.GetDisplayNode().SetActiveControlPoint(0)  # what the markups widget does on hover
+        self.assertTrue(effect.markupsHovered())
+
     def test_preview_apply_undo_redo(self):
-        try:
-            import torch  # noqa: F401 - the session's core needs it
-        except ImportError:
-            self.skipTest("torch is not installed: install the dependencies from the UltraSam module")
         volume, segmentation, editor = self.makeScene()
         effect = editor.effectByName("UltraSam").self()
-        # Before activation, so that activating builds the session with the stand-in model.
-        effect.sessionFactory = InlineSession  # the session in this process, instead of the server's
+        # Before activation, so that activating opens the volume on the stand-in, not on a server.
+        effect.sessionFactory = NumpySession
         editor.setActiveEffectByName("UltraSam")
         self.assertIs(editor.activeEffect().self(), effect)
         self.settle(effect)

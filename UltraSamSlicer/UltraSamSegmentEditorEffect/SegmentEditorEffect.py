@@ -13,8 +13,8 @@ Slicer APIs used here (all in Slicer 5.8): ``AbstractScriptedSegmentEditorEffect
 ``qSlicerSegmentEditorAbstractEffect`` methods declared in qSlicerSegmentEditorAbstractEffect.h
 (``sourceVolumeImageData``, ``defaultModifierLabelmap``, ``modifySelectedSegmentByLabelmap``,
 ``saveStateForUndo``, ``confirmCurrentSegmentVisible``, ``addActor2D``, ``scheduleRender``,
-``setNodeReference``); ``vtkMRMLSliceNode.RotateToVolumePlane`` and
-``vtkMRMLSliceLogic.SnapSliceOffsetToIJK`` for "Align views".
+``setNodeReference``, ``setParameter``/``parameter``); ``vtkMRMLSliceNode.UpdateMatrices`` for
+"Align views".
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ import slicer
 import vtk
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
+# Only absolute imports: Slicer loads this file as the module "UltraSamSegmentEditorEffect" (its
+# folder's name), never as part of a package.
 from ultrasam.wire import prompts_to_json
-from UltraSamSlicerLib import mrml_bridge
+from UltraSamSlicerLib import model_settings, mrml_bridge
 from UltraSamSlicerLib.engine import ServerError, ServerGone, shared_engine
 from UltraSamSlicerLib.models import missing_requirements
 
@@ -38,6 +40,9 @@ PROMPT_ROLE_ATTRIBUTE = "UltraSam.PromptRole"  # marks the effect's own click-pr
 DRAG_PIXELS = 4  # a press-release that moves further is a box, not a click
 POLL_MS = 50
 CLICK_WAIT_S = 0.1  # a preview started from a click is usually back within this one call
+DIRECTIONS = ("both", "forward", "backward")  # the "Direction" parameter (ultrasam.session.DIRECTIONS)
+APPLY_MODES = ("add", "replace")  # the "ApplyMode" parameter, in the order of the Apply combo box
+MARKUPS_KEYS = ("BackSpace", "Delete")  # Markups deletes the hovered point with these (vtkSlicerMarkupsWidget)
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -89,8 +94,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 <li><b>Click</b> in a slice view: positive point. <b>Ctrl+click</b>: negative point (UltraSam was
 trained without negative points: they may change little).</li>
 <li><b>Drag</b>: box on that slice. A <b>markups ROI</b> selected below: a box on every slice it crosses.</li>
-<li>Markups points can be moved; a points node selected below adds more positive points.</li>
-<li><b>p</b>: propagate through the volume. <b>Backspace</b>: remove the last click or box.
+<li>Markups points and ROI handles can be dragged (press on them); <b>Backspace</b> or <b>Delete</b> over a
+point deletes it. A points node selected below adds more positive points.</li>
+<li><b>p</b>: propagate through the volume. <b>Backspace</b> elsewhere: remove the last click or box.
 <b>Enter</b>: apply the preview to the selected segment (undo with Ctrl+Z).</li>
 <li>Views must show the volume's own slices; use <b>Align views</b> for oblique volumes.</li>
 </ul></html>"""
@@ -116,7 +122,7 @@ trained without negative points: they may change little).</li>
         self.scriptedEffect.addOptionsWidget(promptRow)
 
         self.directionCombo = qt.QComboBox()
-        self.directionCombo.addItems(["both", "forward", "backward"])
+        self.directionCombo.addItems(list(DIRECTIONS))
         self.scriptedEffect.addLabeledOptionsWidget("Direction:", self.directionCombo)
         rangeRow = qt.QHBoxLayout()
         self.rangeCheck = qt.QCheckBox("slices")
@@ -129,7 +135,6 @@ trained without negative points: they may change little).</li>
         self.minIouSpin = qt.QDoubleSpinBox()
         self.minIouSpin.setRange(0.0, 1.5)
         self.minIouSpin.setSingleStep(0.05)
-        self.minIouSpin.value = 0.5
         self.minIouSpin.toolTip = "Propagation stops at the first slice whose predicted IoU is below this."
         self.scriptedEffect.addLabeledOptionsWidget("Stop below IoU:", self.minIouSpin)
 
@@ -152,6 +157,11 @@ trained without negative points: they may change little).</li>
         finishRow.addWidget(self.applyButton)
         self.scriptedEffect.addOptionsWidget(finishRow)
 
+        for widget, signal in ((self.directionCombo, "currentIndexChanged(int)"), (self.rangeCheck, "toggled(bool)"),
+                               (self.firstSpin, "valueChanged(int)"), (self.lastSpin, "valueChanged(int)"),
+                               (self.minIouSpin, "valueChanged(double)"),
+                               (self.applyModeCombo, "currentIndexChanged(int)")):
+            widget.connect(signal, self.updateMRMLFromGUI)
         self.roiSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onPromptNodesChanged)
         self.pointsSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onPromptNodesChanged)
         self.clearButton.connect("clicked()", self.clearPrompts)
@@ -175,14 +185,46 @@ trained without negative points: they may change little).</li>
     def createCursor(self, widget):
         return slicer.util.mainWindow().cursor
 
+    def optionWidgets(self):
+        return (self.directionCombo, self.rangeCheck, self.firstSpin, self.lastSpin, self.minIouSpin,
+                self.applyModeCombo)
+
     def setMRMLDefaults(self):
-        pass
+        # Options live in the segment editor node (attributes "UltraSam.<name>"): they are saved with
+        # the scene and survive switching effects.
+        effect = self.scriptedEffect
+        effect.setParameterDefault("Direction", DIRECTIONS[0])
+        effect.setParameterDefault("LimitSlices", 0)
+        effect.setParameterDefault("FirstSlice", 0)
+        effect.setParameterDefault("LastSlice", 0)
+        effect.setParameterDefault("MinIoU", 0.5)
+        effect.setParameterDefault("ApplyMode", APPLY_MODES[0])
 
     def updateGUIFromMRML(self):
+        if hasattr(self, "directionCombo"):
+            effect = self.scriptedEffect
+            blocked = [widget.blockSignals(True) for widget in self.optionWidgets()]
+            self.directionCombo.currentIndex = DIRECTIONS.index(effect.parameter("Direction"))
+            self.rangeCheck.checked = effect.integerParameter("LimitSlices") != 0
+            self.firstSpin.value = effect.integerParameter("FirstSlice")
+            self.lastSpin.value = effect.integerParameter("LastSlice")
+            self.minIouSpin.value = effect.doubleParameter("MinIoU")
+            self.applyModeCombo.currentIndex = APPLY_MODES.index(effect.parameter("ApplyMode"))
+            for widget, wasBlocked in zip(self.optionWidgets(), blocked):
+                widget.blockSignals(wasBlocked)
         self.updateButtons()
 
-    def updateMRMLFromGUI(self):
-        pass
+    def updateMRMLFromGUI(self, *unused):
+        effect = self.scriptedEffect
+        # One parameter-modified event at the end: each one calls updateGUIFromMRML, which would
+        # otherwise put back the widgets not written yet.
+        with slicer.util.NodeModify(effect.parameterSetNode()):
+            effect.setParameter("Direction", DIRECTIONS[self.directionCombo.currentIndex])
+            effect.setParameter("LimitSlices", int(self.rangeCheck.checked))
+            effect.setParameter("FirstSlice", self.firstSpin.value)
+            effect.setParameter("LastSlice", self.lastSpin.value)
+            effect.setParameter("MinIoU", self.minIouSpin.value)
+            effect.setParameter("ApplyMode", APPLY_MODES[self.applyModeCombo.currentIndex])
 
     def interactionNodeModified(self, interactionNode):
         # Stay active while the user places markups prompts: the C++ base class deactivates the
@@ -197,19 +239,26 @@ trained without negative points: they may change little).</li>
         self.buildSession()
 
     def deactivate(self):
-        self.pollTimer.stop()
-        self.runTimer.stop()
-        self.closeSession()
+        self.stopWork()
         self.engine = None
-        self.unobservePromptNodes()
         for viewWidget, (actor, _) in self.rubberBands.items():
             self.scriptedEffect.removeActor2D(viewWidget, actor)
         self.rubberBands = {}
         self.discardPreview()
 
     def cleanup(self):
+        """The effect is destroyed (Slicer closes): nothing of it may keep running or observing."""
+        self.stopWork()
         self.pollTimer.disconnect("timeout()", self.onPoll)
         self.runTimer.disconnect("timeout()", self.runPrompts)
+
+    def stopWork(self):
+        """Stop the timers and observing prompts; close the volume on the server (which cancels its
+        run there, never waiting for it). The server itself belongs to the module: it stops at exit."""
+        self.pollTimer.stop()
+        self.runTimer.stop()
+        self.closeSession()
+        self.unobservePromptNodes()
 
     def sourceVolumeNodeChanged(self):
         if self.engine is not None:
@@ -230,7 +279,7 @@ trained without negative points: they may change little).</li>
             self.setStatus("Select a segmentation and a source volume.")
             return
         missing = missing_requirements()
-        if missing and self.sessionFactory is None and not self.modelSettings().server_url:
+        if missing and self.sessionFactory is None and not model_settings.read().server_url:
             self.setStatus(f"Missing Python packages ({', '.join(missing)}): install them in the UltraSam module.")
             return
         try:
@@ -248,7 +297,7 @@ trained without negative points: they may change little).</li>
             if self.sessionFactory is not None:
                 self.session = self.sessionFactory(self.volume)
             else:
-                settings = self.sessionSettings = self.modelSettings()
+                settings = self.sessionSettings = model_settings.read()
                 client = self.engine.client(settings)
                 if client is None:
                     self.setStatus("Starting the UltraSam server...")
@@ -277,13 +326,6 @@ trained without negative points: they may change little).</li>
             except ServerError:
                 pass  # gone already, or expired: nothing left to free
 
-    @staticmethod
-    def modelSettings():
-        """The model chosen in the UltraSam module (or by the training module's 'Use this model')."""
-        from UltraSamSlicer import UltraSamSlicerLogic
-
-        return UltraSamSlicerLogic.modelSettings()
-
     # ---- prompts --------------------------------------------------------------------------------
     def promptNode(self, positive: bool):
         """The effect's own markups node for clicked points (created on first use)."""
@@ -303,8 +345,9 @@ trained without negative points: they may change little).</li>
     def promptNodes(self):
         nodes = [node for node in slicer.util.getNodesByClass("vtkMRMLMarkupsFiducialNode")
                  if node.GetAttribute(PROMPT_ROLE_ATTRIBUTE)]
+        own = {node.GetID() for node in nodes}
         extra = [self.pointsSelector.currentNode(), self.roiSelector.currentNode()]
-        return nodes + [node for node in extra if node is not None]
+        return nodes + [node for node in extra if node is not None and node.GetID() not in own]
 
     def observePromptNodes(self):
         """Re-run whenever a prompt node's points are placed, moved or removed."""
@@ -403,24 +446,32 @@ trained without negative points: they may change little).</li>
         self.discardPreview()
 
     def alignViews(self):
-        sourceNode = self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
+        """Turn every slice view to the nearest voxel plane of the grid clicks are checked against.
+
+        That grid is the segmentation's (the source image the editor hands over is resampled to
+        it), which may differ from the source volume's own: vtkMRMLSliceNode::RotateToVolumePlane
+        would align to the latter.
+        """
         layoutManager = slicer.app.layoutManager()
-        if sourceNode is None or layoutManager is None:
+        if self.volume is None or layoutManager is None:
             return
         for name in layoutManager.sliceViewNames():
-            sliceWidget = layoutManager.sliceWidget(name)
-            # vtkMRMLSliceNode::RotateToVolumePlane (closest volume axis), then put the plane on
-            # voxel centres: vtkMRMLSliceLogic::SnapSliceOffsetToIJK.
-            sliceWidget.mrmlSliceNode().RotateToVolumePlane(sourceNode)
-            sliceWidget.sliceLogic().SnapSliceOffsetToIJK()
-        self.setStatus("Slice views aligned with the source volume.")
+            sliceNode = layoutManager.sliceWidget(name).mrmlSliceNode()
+            sliceToRas = mrml_bridge.matrix_to_numpy(sliceNode.GetSliceToRAS())
+            aligned = mrml_bridge.aligned_slice_to_ras(sliceToRas, self.volume)
+            sliceNode.GetSliceToRAS().DeepCopy(mrml_bridge.numpy_to_matrix(aligned))
+            sliceNode.UpdateMatrices()
+        self.setStatus("Slice views aligned with the segmentation's voxel grid.")
 
     # ---- view interaction -----------------------------------------------------------------------
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
+        # True stops the event: the editor observes at priority 1.0 and aborts what the effect
+        # handled, so the markups widgets (priority 0.0) would never see it (qMRMLSegmentEditorWidget.cxx).
         if viewWidget.className() != "qMRMLSliceWidget" or self.volume is None:
             return False
         if eventId == vtk.vtkCommand.KeyPressEvent:
-            return self.onKey(callerInteractor.GetKeySym())
+            key = callerInteractor.GetKeySym()
+            return not (key in MARKUPS_KEYS and self.markupsHovered()) and self.onKey(key)
         if callerInteractor.GetShiftKey() or callerInteractor.GetAltKey():
             return False  # Shift moves the crosshair, Alt is the view's: leave them to Slicer
         interactionNode = slicer.app.applicationLogic().GetInteractionNode()  # vtkMRMLApplicationLogic
@@ -428,6 +479,8 @@ trained without negative points: they may change little).</li>
             return False  # the user is placing a markups point or ROI (a prompt too): let Slicer place it
         xy = callerInteractor.GetEventPosition()
         if eventId == vtk.vtkCommand.LeftButtonPressEvent:
+            if self.markupsHovered():
+                return False  # Markups drags the point or handle under the mouse
             confirmed = self.scriptedEffect.confirmCurrentSegmentVisible()
             if confirmed in (self.scriptedEffect.NotConfirmed, self.scriptedEffect.ConfirmedWithDialog):
                 return True  # as Slicer's Draw effect: a dialog ate the matching release event
@@ -449,6 +502,18 @@ trained without negative points: they may change little).</li>
                 self.addPoint(viewWidget, xy, positive=not negative)
             return True
         return False
+
+    @staticmethod
+    def markupsHovered() -> bool:
+        """Whether the mouse is over a markups control point, line or handle (prompts included).
+
+        The markups widget marks what the mouse hovers as its display node's active component, for
+        the mouse's interaction context (vtkSlicerMarkupsWidget::ProcessMouseMove), and clears it
+        when the mouse leaves; the effect lets mouse moves through, so this stays current.
+        """
+        none = slicer.vtkMRMLMarkupsDisplayNode.ComponentNone
+        return any(node.GetActiveComponentType() != none
+                   for node in slicer.util.getNodesByClass("vtkMRMLMarkupsDisplayNode"))
 
     def onKey(self, key):
         """Effect keys, chosen not to clash with the Segment Editor's own (digits, z, y, q, w, i, ...)."""
@@ -486,10 +551,12 @@ trained without negative points: they may change little).</li>
 
     # ---- running --------------------------------------------------------------------------------
     def span(self):
-        """Where propagation may go: :class:`ultrasam.session.Span` fields."""
-        limited = self.rangeCheck.checked
-        return {"direction": self.directionCombo.currentText,
-                "first": self.firstSpin.value if limited else None, "last": self.lastSpin.value if limited else None}
+        """Where propagation may go: :class:`ultrasam.session.Span` fields, from the effect's parameters."""
+        effect = self.scriptedEffect
+        limited = effect.integerParameter("LimitSlices") != 0
+        return {"direction": effect.parameter("Direction"),
+                "first": effect.integerParameter("FirstSlice") if limited else None,
+                "last": effect.integerParameter("LastSlice") if limited else None}
 
     def runPrompts(self, propagate=None):
         """Start a run of the current prompts on the server (queued while one is going)."""
@@ -499,7 +566,7 @@ trained without negative points: they may change little).</li>
                 self.wantSession = True  # e.g. the first prompt after the server died: start it again
                 self.openSession()
             return
-        if self.sessionFactory is None and self.modelSettings() != self.sessionSettings:
+        if self.sessionFactory is None and model_settings.read() != self.sessionSettings:
             self.buildSession()  # another model was chosen meanwhile: load it, then run these prompts
             return
         if self.session.running:
@@ -513,8 +580,9 @@ trained without negative points: they may change little).</li>
         if not (prompts["points"] or prompts["boxes"] or prompts["rois"]):
             self.discardPreview()
             return
-        self.call(lambda: self.session.start(prompts, propagate, self.axis, self.span(),
-                                             {"min_iou": self.minIouSpin.value}, 0.0 if propagate else CLICK_WAIT_S))
+        rules = {"min_iou": self.scriptedEffect.doubleParameter("MinIoU")}
+        self.call(lambda: self.session.start(prompts, propagate, self.axis, self.span(), rules,
+                                             0.0 if propagate else CLICK_WAIT_S))
 
     def call(self, request):
         """Make one short server call and act on the run state it returns; a lost server is reported."""
@@ -562,12 +630,14 @@ trained without negative points: they may change little).</li>
             self.runPrompts(propagate)
 
     def showResult(self, state):
-        """Show the session's latest mask in the preview segmentation (created on first use)."""
+        """Show the session's latest mask in the preview segmentation (created on first use), and
+        what the server's content checks ask the user to look at again (blank slices left empty,
+        a key slice below the IoU threshold, a mask on the background outside the fan)."""
         self.result = self.session.mask
         self.propagated = state.propagated
         previewNode = self.previewNode(create=True)
         mrml_bridge.write_mask_to_segment(self.result, self.volume, previewNode, PREVIEW_SEGMENT)
-        self.setStatus(state.summary)
+        self.setStatus("\n".join([state.summary] + [f"Warning: {warning}" for warning in state.warnings]))
 
     def previewNode(self, create=False):
         node = self.scriptedEffect.nodeReference(PREVIEW_ROLE)
@@ -601,7 +671,8 @@ trained without negative points: they may change little).</li>
             self.setStatus("Wait for the running computation to finish, or cancel it, before applying.")
             return
         modes = slicer.qSlicerSegmentEditorAbstractEffect
-        mode = (modes.ModificationModeAdd, modes.ModificationModeSet)[self.applyModeCombo.currentIndex]
+        mode = (modes.ModificationModeAdd, modes.ModificationModeSet)[
+            APPLY_MODES.index(self.scriptedEffect.parameter("ApplyMode"))]
         modifier = self.scriptedEffect.defaultModifierLabelmap()
         segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
         painted = mrml_bridge.paint_labelmap(modifier, self.result,

@@ -1,0 +1,98 @@
+"""Refuse or flag input the model would answer with confidence and no meaning.
+
+SAM-type models return a mask with a high predicted IoU even on an all-zero image, so the image
+content is checked instead: blank or non-finite volumes are refused, blank slices get no mask,
+and results the user should look at again (a key slice below the IoU threshold, a mask lying
+wholly on zero-intensity background outside the ultrasound fan) come back as warnings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ultrasam.geometry import Volume
+from ultrasam.predictor import Prediction, Prompt2D
+from ultrasam.slicing import VolumeSlices
+
+BLANK_SLICE = "blank slice"  # the stop reason of a slice with one grey value
+
+
+def check_volume_content(volume: Volume) -> list[str]:
+    """Refuse a volume without image content; return warnings about part of it.
+
+    Raises:
+        ValueError: every voxel is NaN/inf, or every voxel has the same value.
+    """
+    voxels = volume.voxels
+    name = volume.name or "the image"
+    finite = np.isfinite(voxels) if np.issubdtype(voxels.dtype, np.floating) else None
+    warnings = []
+    if finite is not None and not finite.all():
+        if not finite.any():
+            raise ValueError(f"{name}: every voxel is NaN or infinite; nothing to segment, check the file")
+        bad = int(voxels.size - np.count_nonzero(finite))
+        warnings.append(f"{name}: {bad} of {voxels.size} voxels are NaN or infinite; they are shown as the "
+                        "window's lowest grey value")
+        voxels = voxels[finite]
+    low, high = voxels.min(), voxels.max()
+    if low == high:
+        which = "every finite voxel" if warnings else "every voxel"
+        raise ValueError(f"{name}: {which} has the value {low.item():g} (a blank image); nothing to segment")
+    return warnings
+
+
+def blank_slices(slices: VolumeSlices) -> set[int]:
+    """Indices of slices whose 8-bit image has a single grey value."""
+    return {index for index in range(slices.num_slices) if np.ptp(slices.image(index)) == 0}
+
+
+class SkipBlankSlices:
+    """A :class:`~ultrasam.propagation.SlicePredictor` that answers blank slices with an empty mask
+    (predicted IoU 0, so a walk stops there) instead of asking the model."""
+
+    def __init__(self, predictor, slices: VolumeSlices, blank: set[int]) -> None:
+        self.predictor, self.slices, self.blank = predictor, slices, blank
+        self._logits_shape = (1, 1, 256, 256)  # taken from the first real prediction (a key slice's)
+
+    def prefetch(self, indices) -> None:
+        self.predictor.prefetch([i for i in indices if i not in self.blank])
+
+    def predict(self, index: int, prompt: Prompt2D, mask_input: Optional[torch.Tensor] = None) -> Prediction:
+        if index not in self.blank:
+            prediction = self.predictor.predict(index, prompt, mask_input)
+            self._logits_shape = tuple(prediction.low_res_logits.shape)
+            return prediction
+        return Prediction(np.zeros(self.slices.image_shape, dtype=bool), 0.0,
+                          torch.full(self._logits_shape, -20.0))  # the logits of "nothing here"
+
+
+def refuse_blank_key_slices(keys: Iterable[int], blank: set[int], name: str) -> None:
+    blank_keys = sorted(set(keys) & blank)
+    if blank_keys:
+        raise ValueError(f"{name}: prompted slice(s) {blank_keys} are blank (a single grey value); nothing to "
+                         "segment there, prompt a slice with image content")
+
+
+def result_warnings(slices: VolumeSlices, rows: list[dict], masks: Mapping[int, np.ndarray],
+                    min_iou: float, blank: set[int]) -> list[str]:
+    """Warnings about a finished run (``rows``: the report's slice rows)."""
+    warnings = [f"key slice {r['index']}: predicted IoU {r['iou']:.2f} is below the stop threshold "
+                f"{min_iou:g}; the mask was kept, check it or add prompts"
+                for r in rows if r["status"] == "key" and r["iou"] < min_iou]
+    met = sorted(r["index"] for r in rows if r["index"] in blank)
+    if met:
+        warnings.append(f"slice(s) {met} are blank (a single grey value) and were left empty")
+    on_background = [index for index, mask in sorted(masks.items()) if _wholly_on_zero(slices.image(index), mask)]
+    if on_background:
+        warnings.append(f"slice(s) {on_background}: the mask lies wholly on zero-intensity background "
+                        "(outside the ultrasound fan?); check the prompt positions")
+    return warnings
+
+
+def _wholly_on_zero(image: np.ndarray, mask: np.ndarray) -> bool:
+    grey = image.max(axis=-1) if image.ndim == 3 else image
+    return bool(mask.any()) and not grey[mask].any()
