@@ -48,7 +48,7 @@ def predictor():
 
 
 def reference(predictor, voxels, prompts, propagate):
-    """The core's own answer in this process, for the same model, volume and prompts."""
+    """The core's own (mask, report) in this process, for the same model, volume and prompts."""
     from ultrasam.batch import segment_volume
     from ultrasam.geometry import Geometry, Volume
     from ultrasam.prompts3d import VolumePrompts
@@ -56,8 +56,7 @@ def reference(predictor, voxels, prompts, propagate):
 
     volume = Volume(voxels, Geometry(*identity_geometry()))
     volume_prompts = VolumePrompts(prompts["points"], prompts["labels"], prompts["frame"])
-    mask, _ = segment_volume(volume, predictor, volume_prompts, 0, propagate, rules=StopRules(**NEVER_STOP))
-    return mask
+    return segment_volume(volume, predictor, volume_prompts, 0, propagate, rules=StopRules(**NEVER_STOP))
 
 
 def test_a_click_and_a_propagation_give_the_cores_masks_and_send_only_changed_slices(server, predictor):
@@ -65,17 +64,34 @@ def test_a_click_and_a_propagation_give_the_cores_masks_and_send_only_changed_sl
     session = server.client.open_volume(voxels, *identity_geometry(), "tube")
     click = session.start(centre_click(voxels), rules=NEVER_STOP, wait=5.0)
     assert click.state == "done" and click.summary.startswith("1 slice(s) segmented")
-    np.testing.assert_array_equal(session.mask, reference(predictor, voxels, centre_click(voxels), propagate=False))
+    np.testing.assert_array_equal(session.mask, reference(predictor, voxels, centre_click(voxels), propagate=False)[0])
 
     session.start(centre_click(voxels), propagate=True, rules=NEVER_STOP)
     answer = server.client.request("GET", f"/sessions/{session.id}/run?base={session.version}&wait=5")
     assert answer["state"] == "done"
     assert 4 not in answer["masks"]["indices"]  # the clicked slice did not change: not sent again
     session._take(answer)
-    np.testing.assert_array_equal(session.mask, reference(predictor, voxels, centre_click(voxels), propagate=True))
+    np.testing.assert_array_equal(session.mask, reference(predictor, voxels, centre_click(voxels), propagate=True)[0])
     full = server.client.request("GET", f"/sessions/{session.id}/mask")
     np.testing.assert_array_equal(apply_slices(np.zeros_like(session.mask), full["masks"]), session.mask)
     session.close()
+
+
+def test_blank_volumes_are_refused_and_blank_slices_left_empty_with_the_cores_warnings(server, predictor):
+    voxels = tube_volume(9)
+    voxels[6:] = 0  # the end of the sweep: no signal
+    session = server.client.open_volume(voxels, *identity_geometry(), "tube")
+    session.start(centre_click(voxels), propagate=True, rules=NEVER_STOP)
+    state = finish(session)
+    mask, report = reference(predictor, voxels, centre_click(voxels), propagate=True)
+    assert mask[:6].any(axis=(1, 2)).all() and not mask[6:].any()
+    np.testing.assert_array_equal(session.mask, mask)
+    assert "slice(s) [6] are blank (a single grey value) and were left empty" in report["warnings"]
+    assert list(state.warnings) == report["warnings"]
+    session.close()
+    with pytest.raises(ServerError) as error:
+        server.client.open_volume(np.zeros((3, 8, 8), np.uint8), *identity_geometry(), "blank")
+    assert error.value.status == 422 and "every voxel has the value 0 (a blank image)" in str(error.value)
 
 
 def test_bad_requests_get_a_4xx_that_says_what_to_do_and_the_server_keeps_serving(server):

@@ -108,6 +108,30 @@ def test_cancel_keeps_the_previous_result_and_reruns_reuse_it():
     assert "9 slice(s) segmented, 6..14 along k" in again.summary()
 
 
+class Everywhere(ThresholdModel):
+    """A model as sure of itself on blank input as SAM-type models are: the whole slice, IoU 0.9."""
+
+    def predict(self, index, prompt, mask_input=None):
+        prediction = super().predict(index, prompt, mask_input)
+        return type(prediction)(np.ones_like(prediction.mask), 0.9, prediction.low_res_logits)
+
+
+def test_blank_slices_stay_empty_unasked_and_the_result_says_so_as_ultrasam_segment_does():
+    volume = ball_volume()  # zero outside the ball: slices 0..5 and 15..23 hold one grey value
+    log = []
+    session = SegmentationSession(volume, None, slice_predictor=lambda slices: Everywhere(slices, log))
+    result = session.run(centre_prompt(volume), propagate=True)
+    assert segmented_slices(result.mask, 0) == list(range(6, 15)) and result.mask[6:15].all()
+    assert sorted({index for index, _ in log}) == list(range(6, 15))  # the model never saw a blank slice
+    assert result.warnings == ["slice(s) [5, 15] are blank (a single grey value) and were left empty"]
+
+    on_blank = VolumePrompts(volume.geometry.ijk_to_ras(np.array([11.0, 9.0, 2.0]))[None], [1], frame="ras")
+    with pytest.raises(ValueError, match=r"prompted slice\(s\) \[2\] are blank"):
+        session.run(on_blank, propagate=False)
+    with pytest.raises(ValueError, match=r"every voxel has the value 0 \(a blank image\)"):
+        SegmentationSession(Volume(np.zeros(SHAPE, np.uint8), volume.geometry, "blank"), None)
+
+
 def test_with_a_real_model_the_session_gives_what_the_core_gives(tiny_sam):
     # The session adds cropping, axis following and incremental reruns on top of the core; with a
     # real (tiny, random) SAM it must reproduce the core's own volume segmentation exactly.
