@@ -38,20 +38,39 @@ class ThresholdModel:
         pass
 
 
-class InlineSession:
-    """Stand-in for ultrasam.client.RemoteSession that runs a SegmentationSession in this process.
+class ClientCalls:
+    """What the stand-ins for ultrasam.client.RemoteSession share: its attributes, and the calls
+    that answer at once here (a run is done when ``start`` returns)."""
 
-    Same calls and RunState answers as the client (checked by test_server.py's comparison of both
-    on one volume), so the effect's MRML handling is tested without starting a server.
+    def __init__(self, shape_kji):
+        from ultrasam.client import RunState
+
+        self.RunState = RunState
+        self.mask = np.zeros(shape_kji, np.uint8)
+        self.running, self.closed, self.last = False, False, RunState("idle")
+
+    def poll(self, wait=0.0):
+        return self.last
+
+    def cancel(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+class InlineSession(ClientCalls):
+    """Stand-in for ultrasam.client.RemoteSession that runs a SegmentationSession in this process,
+    as the server does (its request parsing included), so the effect's MRML handling is tested
+    without starting a server. The server's answers are compared with the core's own in
+    Testing/test_server.py.
     """
 
     def __init__(self, volume, slice_predictor=ThresholdModel):
-        from ultrasam.client import RunState
         from ultrasam.session import SegmentationSession
 
+        super().__init__(volume.shape_kji)
         self.session = SegmentationSession(volume, None, slice_predictor=slice_predictor)
-        self.mask = np.zeros(volume.shape_kji, np.uint8)
-        self.running, self.closed, self.last, self.RunState = False, False, RunState("idle"), RunState
 
     def start(self, prompts, propagate=False, axis=0, span=None, rules=None, wait=0.0):
         from ultrasam.server import parse_run_request
@@ -71,17 +90,8 @@ class InlineSession:
                                   warnings=tuple(result.warnings))
         return self.last
 
-    def poll(self, wait=0.0):
-        return self.last
 
-    def cancel(self):
-        pass
-
-    def close(self):
-        self.closed = True
-
-
-class NumpySession:
+class NumpySession(ClientCalls):
     """Stand-in for ultrasam.client.RemoteSession with numpy only: no torch, no server, no core
     session. The effect's self-test uses it, so that its preview/apply/undo part runs where Slicer
     has no torch (the Extensions Index build machines).
@@ -101,12 +111,10 @@ class NumpySession:
     """
 
     def __init__(self, volume):
-        from ultrasam.client import RunState
         from ultrasam.intensity import choose_window
 
-        self.volume, self.window, self.RunState = volume, choose_window(volume.voxels), RunState
-        self.mask = np.zeros(volume.shape_kji, np.uint8)
-        self.running, self.closed, self.last = False, False, RunState("idle")
+        super().__init__(volume.shape_kji)
+        self.volume, self.window = volume, choose_window(volume.voxels)
 
     def start(self, prompts, propagate=False, axis=0, span=None, rules=None, wait=0.0):
         from ultrasam.slicing import VolumeSlices
@@ -139,12 +147,3 @@ class NumpySession:
         summary = f"{len(kept)} slice(s) segmented" if kept else "no mask found"
         self.last = self.RunState("done", summary=summary, propagated=propagate)
         return self.last
-
-    def poll(self, wait=0.0):
-        return self.last
-
-    def cancel(self):
-        pass
-
-    def close(self):
-        self.closed = True
