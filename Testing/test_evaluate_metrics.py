@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ultrasam.evaluation import centroid_point, dice, inscribed_ellipse, iou
+from ultrasam.evaluation import centroid_point, dice, inscribed_ellipse, iou, share_inside_box
 from ultrasam.evaluation_report import summarise, write_results
 
 
@@ -78,24 +78,35 @@ def test_centroid_outside_a_ring_moves_to_the_nearest_mask_pixel():
     assert np.hypot(px - centre[0], py - centre[1]) == pytest.approx(nearest)
 
 
-def _object(dataset, image, box, ellipse, point):
+def test_share_inside_box_counts_pixel_centres_in_the_box():
+    mask = np.zeros((10, 10), bool)
+    mask[2:6, 2:6] = True  # 16 pixels, columns and rows 2..5
+    assert share_inside_box(mask, (1.5, 1.5, 5.5, 5.5)) == 1.0  # the tight box on pixel edges
+    assert share_inside_box(mask, (1.5, 1.5, 3.5, 5.5)) == 0.5  # columns 2..3 only
+    assert share_inside_box(mask, (6.5, 6.5, 9.5, 9.5)) == 0.0  # a box elsewhere
+    assert share_inside_box(np.zeros((4, 4), bool), (0, 0, 2, 2)) == 1.0  # nothing predicted, nothing outside
+
+
+def _object(dataset, image, box, ellipse, point, inside=1.0):
     return {"dataset": dataset, "image": image, "object": 0, "box_dice": box, "box_iou": box / 2,
-            "ellipse_dice": ellipse, "point_dice": point, "point_iou": point / 2, "point_moved": False}
+            "box_inside": inside, "ellipse_dice": ellipse, "point_dice": point, "point_iou": point / 2,
+            "point_moved": False}
 
 
 def test_summary_table_json_and_plot(tmp_path):
-    objects = [_object("A", "1.png", 0.9, 0.8, 0.6), _object("A", "2.png", 0.7, 0.9, 0.4),
+    objects = [_object("A", "1.png", 0.9, 0.8, 0.6, inside=0.96), _object("A", "2.png", 0.7, 0.9, 0.4, inside=0.5),
                _object("B", "1.png", 1.0, 1.0, 1.0)]
     volumes = [{"dataset": "V", "volume": "v.nii.gz", "dice3d": 0.5, "iou3d": 0.25}]
     summary = summarise(objects, volumes)
     assert summary["A"]["n"] == 2 and summary["A"]["images"] == 2
-    assert summary["A"]["box_dice"] == {"mean": 0.8, "std": 0.1}
-    assert summary["A"]["ellipse_dice"] == {"mean": 0.85, "std": 0.05}
-    assert summary["V"] == {"kind": "volumes", "n": 1, "dice3d": {"mean": 0.5, "std": 0.0},
-                            "iou3d": {"mean": 0.25, "std": 0.0}}
+    assert summary["A"]["box_dice"] == {"mean": 0.8, "std": 0.1, "median": 0.8}
+    assert summary["A"]["ellipse_dice"] == {"mean": 0.85, "std": 0.05, "median": 0.85}
+    assert summary["A"]["box_inside"]["median"] == 0.73
+    assert summary["V"] == {"kind": "volumes", "n": 1, "dice3d": {"mean": 0.5, "std": 0.0, "median": 0.5},
+                            "iou3d": {"mean": 0.25, "std": 0.0, "median": 0.25}}
     results = {"model": "m", "datasets": summary, "objects": objects, "volumes": volumes}
     table = write_results(results, tmp_path / "out")
-    assert "| A | 2 | 0.800 ± 0.100 | 0.850 ± 0.050 | 0.400 ± 0.050 | 0.500 ± 0.100 | 0.250 ± 0.050 |" in table
+    assert "| A | 2 | 0.800 ± 0.100 | 0.850 ± 0.050 | 0.400 ± 0.050 | 0.730 | 0.500 ± 0.100 | 0.250 ± 0.050 |" in table
     assert "| V | 1 | 0.500 ± 0.000 | 0.250 ± 0.000 |" in table
     assert (tmp_path / "out" / "results.md").read_text(encoding="utf-8") == table
     assert json.loads((tmp_path / "out" / "results.json").read_text())["datasets"] == summary

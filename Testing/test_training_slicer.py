@@ -35,6 +35,16 @@ def test_panel_choices_become_a_valid_recipe_config(module, tmp_path):
     assert config.data.train == ["/data/US43d"] and config.model.checkpoint == "/w/UltraSam.pth"
     assert (config.run.steps, config.run.batch_size, config.run.checkpoint_every) == (500, 4, 50)
     assert config.optim.lr == 1e-4 and config.loss.focal_weight == 20.0  # the recipe's defaults
+    assert not config.model.frozen_encoder  # full fine-tuning unless the box is ticked
+
+
+def test_fine_tune_on_the_scene_freezes_the_encoder(module, tmp_path):
+    from ultrasam_training.config import load_config
+
+    path = module.UltraSamTrainingLogic.writeConfig(tmp_path / "run", ["/data/scene"], "litemedsam", 300, 8,
+                                                    frozenEncoder=True)
+    config = load_config(path)
+    assert config.model.frozen_encoder and config.model.checkpoint == "litemedsam"
 
 
 def test_the_trainer_process_gets_both_libraries_on_its_path(module):

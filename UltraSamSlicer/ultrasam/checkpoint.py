@@ -10,7 +10,11 @@ Layouts recognised:
   ``state_dict`` has ``backbone.``/``decoder.``/``bbox_head.``/``prompt_encoder.`` keys
   (see ULTRASAM_FACTS.md for the mapping, including the x0.5 on the decoder MLP's ``lin2``).
 - ``sam``: a state dict in ``segment_anything`` names (``image_encoder.`` ...), bare or under
-  ``model`` / ``state_dict``, optionally with DDP's ``module.`` prefix (SAM, MedSAM, ...).
+  ``model`` / ``state_dict``, optionally with DDP's ``module.`` prefix (SAM, MedSAM, ...). The
+  image encoder is SAM's ViT, or a TinyViT (:mod:`ultrasam.tiny_vit`) in LiteMedSAM's layout
+  (1x1 patch embedding, 256-pixel input, min-max input normalisation) or MobileSAM's (3x3
+  stride-2 patch embedding, 1024-pixel input, SAM's normalisation; its unused classification
+  head, ``image_encoder.head``/``norm_head``, is dropped).
 - ``ultrasam-slicer``: what :func:`save_checkpoint` and the training module write.
 """
 
@@ -37,13 +41,18 @@ from segment_anything.modeling import (
 from ultrasam import safe_pickle
 from ultrasam.atomic import atomic_path
 from ultrasam.checkpoint_shapes import DeclaredShapeError, read_meta
+from ultrasam.model_input import MEAN_STD, MIN_MAX
 from ultrasam.predictor import MODES as INFERENCE_MODES
+from ultrasam.tiny_vit import TinyViTEncoder
 
 OWN_FORMAT = "ultrasam-slicer"
 ULTRASAM_PREFIXES = ("backbone.", "decoder.", "bbox_head.", "prompt_encoder.")
 SAM_PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 DECODER_HEADS = 8  # SAM's mask decoder; not recoverable from tensor shapes
 ULTRASAM_MLP_FIX = 0.5
+TINY_VIT_PATCH = "image_encoder.patch_embed.seq.0.c.weight"
+TINY_VIT_HEAD = ("image_encoder.head.", "image_encoder.norm_head.")  # MobileSAM's unused classifier
+TINY_VIT_GRID = 64  # every TinyViT-SAM encoder ends on SAM's 64 x 64 embedding grid
 # Weights of the model built from a file may take at most this x the file's size (fp16 files
 # become fp32 models), plus the fixed slack; more means its shapes claim bytes it does not hold.
 MODEL_TO_FILE_RATIO = 2
@@ -74,11 +83,25 @@ class SamConfig:
     num_multimask_outputs: int = 3
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
+    # TinyViT encoders (encoder = "tiny_vit"): per stage; stage 0 is convolutional (heads and
+    # window 0). patch_size is then the input pixels per embedding cell (image_size / 64).
+    encoder: str = "vit"
+    tiny_vit_embed_dims: tuple[int, ...] = ()
+    tiny_vit_depths: tuple[int, ...] = ()
+    tiny_vit_num_heads: tuple[int, ...] = ()
+    tiny_vit_window_sizes: tuple[int, ...] = ()
+    tiny_vit_patch_kernel: int = 1
 
     @property
     def embedding_size(self) -> int:
         """Side of the image embedding grid (64 for SAM)."""
         return self.image_size // self.patch_size
+
+    @property
+    def input_normalisation(self) -> str:
+        """How images are normalised for the encoder: LiteMedSAM's TinyViT (1x1 patch embedding)
+        takes min-max [0, 1] input, every other model SAM's ImageNet mean and std."""
+        return MIN_MAX if self.encoder == "tiny_vit" and self.tiny_vit_patch_kernel == 1 else MEAN_STD
 
 
 @dataclass
@@ -98,7 +121,7 @@ class LoadedModel:
 def sam_from_config(config: SamConfig) -> Sam:
     """A randomly initialised ``Sam`` of the given shape (eval mode, on the CPU)."""
     grid = config.embedding_size
-    encoder = ImageEncoderViT(
+    encoder = tiny_vit_from_config(config) if config.encoder == "tiny_vit" else ImageEncoderViT(
         depth=config.encoder_depth,
         embed_dim=config.encoder_embed_dim,
         img_size=config.image_size,
@@ -137,14 +160,42 @@ def sam_from_config(config: SamConfig) -> Sam:
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )
+    model.input_normalisation = config.input_normalisation  # read by ultrasam.model_input
     return model.eval()
+
+
+def tiny_vit_from_config(config: SamConfig) -> TinyViTEncoder:
+    return TinyViTEncoder(
+        img_size=config.image_size,
+        embed_dims=config.tiny_vit_embed_dims,
+        depths=config.tiny_vit_depths,
+        num_heads=config.tiny_vit_num_heads,
+        window_sizes=config.tiny_vit_window_sizes,
+        patch_kernel=config.tiny_vit_patch_kernel,
+        mlp_ratio=config.encoder_mlp_ratio,
+    )
 
 
 def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> SamConfig:
     """Read a :class:`SamConfig` off the shapes of a state dict in ``segment_anything`` names."""
-    _require(state_dict, ["image_encoder.patch_embed.proj.weight", "image_encoder.pos_embed",
-                          "mask_decoder.mask_tokens.weight", "prompt_encoder.mask_downscaling.3.weight"])
+    _require(state_dict, ["mask_decoder.mask_tokens.weight", "prompt_encoder.mask_downscaling.3.weight"])
     _require_shapes(state_dict)
+    encoder = _tiny_vit_fields(state_dict) if TINY_VIT_PATCH in state_dict else _vit_fields(state_dict)
+    return SamConfig(
+        **encoder,
+        prompt_embed_dim=int(state_dict["mask_decoder.mask_tokens.weight"].shape[1]),
+        mask_in_chans=int(state_dict["prompt_encoder.mask_downscaling.3.weight"].shape[0]),
+        decoder_depth=_count_indexed(state_dict, r"mask_decoder\.transformer\.layers\.(\d+)\."),
+        decoder_mlp_dim=int(state_dict["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0]),
+        num_multimask_outputs=int(state_dict["mask_decoder.mask_tokens.weight"].shape[0]) - 1,
+        iou_head_depth=_count_indexed(state_dict, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\."),
+        iou_head_hidden_dim=int(state_dict["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0]),
+    )
+
+
+def _vit_fields(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """SamConfig's ViT encoder fields, read off the tensor shapes."""
+    _require(state_dict, ["image_encoder.patch_embed.proj.weight", "image_encoder.pos_embed"])
     patch = state_dict["image_encoder.patch_embed.proj.weight"]
     embed_dim, patch_size = int(patch.shape[0]), int(patch.shape[-1])
     grid = int(state_dict["image_encoder.pos_embed"].shape[1])
@@ -156,8 +207,7 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> SamConfig:
         heads = embed_dim // int(state_dict["image_encoder.blocks.0.attn.rel_pos_h"].shape[1])
         global_blocks = tuple(i for i, size in enumerate(sizes) if size == grid)
         window = next((size for size in sizes if size != grid), 0)
-    prompt_dim = int(state_dict["mask_decoder.mask_tokens.weight"].shape[1])
-    return SamConfig(
+    return dict(
         encoder_embed_dim=embed_dim,
         encoder_depth=depth,
         encoder_num_heads=heads,
@@ -167,13 +217,49 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> SamConfig:
         encoder_use_rel_pos=use_rel_pos,
         patch_size=patch_size,
         image_size=grid * patch_size,
-        prompt_embed_dim=prompt_dim,
-        mask_in_chans=int(state_dict["prompt_encoder.mask_downscaling.3.weight"].shape[0]),
-        decoder_depth=_count_indexed(state_dict, r"mask_decoder\.transformer\.layers\.(\d+)\."),
-        decoder_mlp_dim=int(state_dict["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0]),
-        num_multimask_outputs=int(state_dict["mask_decoder.mask_tokens.weight"].shape[0]) - 1,
-        iou_head_depth=_count_indexed(state_dict, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\."),
-        iou_head_hidden_dim=int(state_dict["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0]),
+    )
+
+
+def _tiny_vit_fields(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """SamConfig's TinyViT encoder fields, read off the tensor shapes.
+
+    Stage i's width is its first block's output width, its heads and window come from the
+    attention-bias table (heads x window**2). The patch embedding's kernel (1 or 3) fixes the
+    input size: the encoder's grid is 64 cells, 4 input pixels each after a 1x1 stride-1
+    embedding (256 px, LiteMedSAM), 16 after two 3x3 stride-2 convs (1024 px, MobileSAM).
+    """
+    stages = _count_indexed(state_dict, r"image_encoder\.layers\.(\d+)\.")
+    dims, depths, heads, windows = [], [], [], []
+    for i in range(stages):
+        prefix = f"image_encoder.layers.{i}.blocks."
+        depths.append(_count_indexed(state_dict, re.escape(prefix) + r"(\d+)\."))
+        if i == 0:
+            dims.append(int(state_dict[prefix + "0.conv3.c.weight"].shape[0]))
+            heads.append(0)
+            windows.append(0)
+            continue
+        biases = state_dict[prefix + "0.attn.attention_biases"]
+        dims.append(int(state_dict[prefix + "0.attn.proj.weight"].shape[0]))
+        heads.append(int(biases.shape[0]))
+        windows.append(int(round(biases.shape[1] ** 0.5)))
+    kernel = int(state_dict[TINY_VIT_PATCH].shape[-1])
+    pixels_per_cell = 4 if kernel == 1 else 16
+    return dict(
+        encoder="tiny_vit",
+        encoder_embed_dim=dims[-1],
+        encoder_depth=sum(depths),
+        encoder_num_heads=heads[-1],
+        encoder_global_attn_indexes=(),
+        encoder_window_size=windows[-1],
+        encoder_mlp_ratio=state_dict["image_encoder.layers.1.blocks.0.mlp.fc1.weight"].shape[0] / dims[1],
+        encoder_use_rel_pos=False,
+        patch_size=pixels_per_cell,
+        image_size=TINY_VIT_GRID * pixels_per_cell,
+        tiny_vit_embed_dims=tuple(dims),
+        tiny_vit_depths=tuple(depths),
+        tiny_vit_num_heads=tuple(heads),
+        tiny_vit_window_sizes=tuple(windows),
+        tiny_vit_patch_kernel=kernel,
     )
 
 
@@ -429,13 +515,23 @@ def _identify(raw: Any, path: Path) -> tuple[str, dict[str, torch.Tensor], dict[
         ):
             return "ultrasam", convert_ultrasam_state_dict(tensors), _mmengine_info(raw)
         if tensors and any(name.startswith("image_encoder.") for name in tensors):
-            return "sam", tensors, {"wrapper": wrapper or "none"}
+            return "sam", *_drop_tiny_vit_head(tensors, {"wrapper": wrapper or "none"})
     names = sorted(_tensors_only(raw, path, strict=False))[:5]
     raise CheckpointError(
         f"{path}: not a SAM, UltraSam or MedSAM checkpoint: expected tensors named "
         f"{'/'.join(SAM_PREFIXES)}* (SAM) or {'/'.join(ULTRASAM_PREFIXES)}* (UltraSam), "
         f"found top-level entries {sorted(map(str, raw))[:8]}" + (f" and tensors like {names}" if names else "")
     )
+
+
+def _drop_tiny_vit_head(tensors: dict[str, torch.Tensor], info: dict[str, Any]):
+    """MobileSAM's files keep TinyViT's ImageNet classifier, which SAM never runs: drop it, say so."""
+    if TINY_VIT_PATCH not in tensors:
+        return tensors, info
+    head = sorted(name for name in tensors if name.startswith(TINY_VIT_HEAD))
+    if head:
+        info["dropped_unused"] = head
+    return {name: t for name, t in tensors.items() if name not in head}, info
 
 
 def _tensors_only(mapping: Mapping, path: Path, strict: bool = True) -> dict[str, torch.Tensor]:
@@ -492,6 +588,13 @@ def _describe_mismatch(missing: list[str], unexpected: list[str], shown: int = 6
 def _describe_config(config: SamConfig) -> str:
     if config == SamConfig():
         return "SAM ViT-B (UltraSam's architecture)"
+    if config.encoder == "tiny_vit":
+        layout = "LiteMedSAM" if config.tiny_vit_patch_kernel == 1 else "MobileSAM"
+        return (
+            f"TinyViT encoder in {layout}'s layout: widths {list(config.tiny_vit_embed_dims)}, depths "
+            f"{list(config.tiny_vit_depths)}, input {config.image_size}, {config.input_normalisation} "
+            "input normalisation"
+        )
     return (
         f"SAM-architecture ViT: width {config.encoder_embed_dim}, depth {config.encoder_depth}, "
         f"{config.encoder_num_heads} heads, input {config.image_size}"

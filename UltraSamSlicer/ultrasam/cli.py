@@ -177,7 +177,7 @@ def _add_batch(commands) -> None:
 
 def _add_info(commands) -> None:
     parser = commands.add_parser("info", help="say what a checkpoint holds")
-    parser.add_argument("checkpoint")
+    parser.add_argument("checkpoint", help="a checkpoint file, or 'litemedsam'")
     parser.set_defaults(run=_run_info)
 
 
@@ -292,7 +292,9 @@ def _run_batch(args: argparse.Namespace) -> int:
 def _run_info(args: argparse.Namespace) -> int:
     from ultrasam.checkpoint import load_model
 
-    loaded = load_model(args.checkpoint)
+    from ultrasam.resources import model_path
+
+    loaded = load_model(model_path(args.checkpoint))
     print(f"{args.checkpoint}: {loaded.kind} checkpoint")
     for key, value in loaded.info.items():
         print(f"  {key}: {value}")

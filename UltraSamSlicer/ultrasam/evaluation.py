@@ -12,6 +12,9 @@ resolution, and scored against its ground-truth mask. Prompts, as UltraSam was t
   mask (a non-convex or split object), the mask pixel nearest the centroid instead.
 - **ellipse** (no model): the ellipse inscribed in the box prompt, the trivial answer a box
   already gives; every box figure is reported beside it.
+- **prompt-following** (``box_inside``): the share of the box prompt's predicted pixels that lie
+  inside that box, on the model's own mask (nothing clipped); 1.0 for an empty mask. A model that
+  answers with something else than what the box points at scores low whatever its Dice.
 - **3D**: one positive click at the centroid (same rule) of the structure's middle slice along the
   slicing axis, propagated through the volume by :func:`ultrasam.batch.segment_volume`; Dice and
   IoU over the whole volume.
@@ -53,6 +56,17 @@ def inscribed_ellipse(box_xyxy: Sequence[float], shape_hw: tuple[int, int]) -> n
     return ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 <= 1.0
 
 
+def share_inside_box(mask: np.ndarray, box_xyxy: Sequence[float]) -> float:
+    """Share of the (H, W) bool mask's pixels whose centre lies in ``box_xyxy`` (1.0 when empty)."""
+    total = int(mask.sum())
+    if total == 0:
+        return 1.0
+    x0, y0, x1, y1 = map(float, box_xyxy)
+    y, x = np.ogrid[: mask.shape[0], : mask.shape[1]]
+    inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+    return int(np.logical_and(mask, inside).sum()) / total
+
+
 def centroid_point(mask: np.ndarray) -> tuple[np.ndarray, bool]:
     """UltraSam's point prompt for a non-empty (H, W) bool mask.
 
@@ -80,8 +94,8 @@ def score_objects(masks: np.ndarray, boxes_xyxy: np.ndarray, predictor: Predicto
 
     Returns:
         One dict per object: ``ellipse_dice``, the point prompt ``point_xy`` and ``point_moved``
-        (see :func:`centroid_point`), and with a model ``box_dice``, ``box_iou``, ``point_dice``,
-        ``point_iou``.
+        (see :func:`centroid_point`), and with a model ``box_dice``, ``box_iou``, ``box_inside``
+        (:func:`share_inside_box`), ``point_dice``, ``point_iou``.
     """
     rows = []
     for truth, box in zip(masks, boxes_xyxy):
@@ -91,7 +105,8 @@ def score_objects(masks: np.ndarray, boxes_xyxy: np.ndarray, predictor: Predicto
         if predictor is not None:
             by_box = predictor.predict(embedding, Prompt2D(box_xyxy=box)).mask
             by_point = predictor.predict(embedding, Prompt2D(points_xy=[point], labels=[1])).mask
-            row.update(box_dice=dice(by_box, truth), box_iou=iou(by_box, truth), point_dice=dice(by_point, truth),
+            row.update(box_dice=dice(by_box, truth), box_iou=iou(by_box, truth),
+                       box_inside=share_inside_box(by_box, box), point_dice=dice(by_point, truth),
                        point_iou=iou(by_point, truth))
         rows.append(row)
     return rows

@@ -22,7 +22,8 @@ VOLUME_SCORES = [("dice3d", "3D point", (40, 150, 40))]
 
 
 def _stats(values: list[float]) -> dict:
-    return {"mean": round(float(np.mean(values)), 4), "std": round(float(np.std(values)), 4)}
+    return {"mean": round(float(np.mean(values)), 4), "std": round(float(np.std(values)), 4),
+            "median": round(float(np.median(values)), 4)}
 
 
 def summarise(objects: list[dict], volumes: list[dict]) -> dict:
@@ -31,7 +32,7 @@ def summarise(objects: list[dict], volumes: list[dict]) -> dict:
     Image data sets also get ``images`` and ``points_moved`` (centroids moved onto the mask).
     """
     summary: dict[str, dict] = {}
-    for kind, rows, keys in (("images", objects, ("box_dice", "box_iou", "ellipse_dice", "point_dice", "point_iou")),
+    for kind, rows, keys in (("images", objects, ("box_dice", "box_iou", "box_inside", "ellipse_dice", "point_dice", "point_iou")),
                              ("volumes", volumes, ("dice3d", "iou3d"))):
         groups = defaultdict(list)
         for row in rows:
@@ -50,6 +51,10 @@ def _cell(entry: dict, key: str) -> str:
     return f"{entry[key]['mean']:.3f} ± {entry[key]['std']:.3f}" if key in entry else "–"
 
 
+def _median(entry: dict, key: str) -> str:
+    return f"{entry[key]['median']:.3f}" if key in entry else "–"
+
+
 def markdown(results: dict) -> str:
     """Markdown tables of ``results["datasets"]`` (2D, then 3D), headed by the model."""
     datasets = results["datasets"]
@@ -57,10 +62,12 @@ def markdown(results: dict) -> str:
     images = {name: entry for name, entry in datasets.items() if entry["kind"] == "images"}
     volumes = {name: entry for name, entry in datasets.items() if entry["kind"] == "volumes"}
     if images:
-        lines += ["| data set | objects | box Dice | ellipse-in-box Dice | box IoU | point Dice | point IoU |",
-                  "|---|---:|---|---|---|---|---|"]
+        lines += ["| data set | objects | box Dice | ellipse-in-box Dice | box IoU | inside box (median) "
+                  "| point Dice | point IoU |",
+                  "|---|---:|---|---|---|---|---|---|"]
         lines += [f"| {name} | {e['n']} | {_cell(e, 'box_dice')} | {_cell(e, 'ellipse_dice')} | {_cell(e, 'box_iou')} "
-                  f"| {_cell(e, 'point_dice')} | {_cell(e, 'point_iou')} |" for name, e in images.items()]
+                  f"| {_median(e, 'box_inside')} | {_cell(e, 'point_dice')} | {_cell(e, 'point_iou')} |"
+                  for name, e in images.items()]
         lines.append("")
     if volumes:
         lines += ["| data set | volumes | 3D Dice (one point) | 3D IoU |", "|---|---:|---|---|"]
@@ -71,7 +78,8 @@ def markdown(results: dict) -> str:
         lines += ["Centroids outside their object, clicked at the nearest object pixel instead: "
                   + ", ".join(moved) + ".", ""]
     lines.append("Mean ± standard deviation over objects (volumes for 3D). Ellipse-in-box: the ellipse "
-                 "inscribed in the box prompt, no model. Protocol: docs/EVALUATION.md.")
+                 "inscribed in the box prompt, no model. Inside box: median share of the box prompt's "
+                 "predicted pixels inside the box. Protocol: docs/EVALUATION.md.")
     return "\n".join(lines) + "\n"
 
 

@@ -27,6 +27,7 @@ from segment_anything.modeling import Sam
 from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT, get_rel_pos
 
 from ultrasam.device import autocast_for
+from ultrasam.tiny_vit import TinyViTEncoder
 
 
 def _rel_pos_terms(
@@ -141,6 +142,8 @@ def accelerate_image_encoder(
             faster depends on the device and its SDPA kernels (docs/BENCHMARKS.md).
     """
     encoder = model.image_encoder if isinstance(model, Sam) else model
+    if isinstance(encoder, TinyViTEncoder):
+        return model  # its windowed attention already runs fused (SDPA)
     if not isinstance(encoder, ImageEncoderViT):
         raise TypeError(
             f"expected a segment_anything Sam or ImageEncoderViT, got {type(model).__name__}; "

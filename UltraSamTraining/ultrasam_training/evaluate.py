@@ -9,22 +9,23 @@ SAM's ``postprocess_masks`` and thresholded at 0.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from segment_anything.modeling import Sam
 
 from ultrasam_training.losses import mask_dice, mask_iou
 from ultrasam_training.prepare import Item
-from ultrasam_training.step import encode, final_logits, run_passes
+from ultrasam_training.step import Embedder, encode, final_logits, run_passes
 
 
 @torch.no_grad()
-def evaluate(model: Sam, items: Iterable[Item], refine: bool, autocast_dtype: torch.dtype | None) -> dict:
+def evaluate(model: Sam, items: Iterable[Item], refine: bool, autocast_dtype: torch.dtype | None,
+             embed: Optional[Embedder] = None) -> dict:
     """Mean Dice/IoU over objects: ``{"dice", "iou", "objects", "per_dataset": {name: {...}}}``.
 
     Items need ``masks`` (prepare them with ``keep_masks=True``); the model is used in eval mode
-    and put back in the mode it was in.
+    and put back in the mode it was in. ``embed`` replaces the encoder (frozen-encoder training).
     """
     was_training = model.training
     model.eval()
@@ -35,7 +36,7 @@ def evaluate(model: Sam, items: Iterable[Item], refine: bool, autocast_dtype: to
                 raise ValueError("evaluate needs items prepared with keep_masks=True")
             if len(item.masks) == 0:
                 continue
-            embedding = encode(model, [item.image], autocast_dtype)
+            embedding = embed([item.image]) if embed else encode(model, [item.image], autocast_dtype)
             device = embedding.device
             logits = final_logits(run_passes(model, embedding, item.prompts.to(device), refine))
             size = tuple(item.masks.shape[1:])

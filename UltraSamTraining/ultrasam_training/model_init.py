@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
 from ultrasam.checkpoint import CheckpointError, load_model, read_checkpoint_object, sam_from_config
+from ultrasam.resources import model_path
 from ultrasam_training.config import ModelConfig
 
 _USFMAE_BLOCK = re.compile(r"blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$")
@@ -25,7 +26,7 @@ _USFMAE_BLOCK = re.compile(r"blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|ml
 def build_model(config: ModelConfig) -> Sam:
     """A ``Sam`` on the CPU in train mode, initialised as ``config.init`` says."""
     if config.init == "checkpoint":
-        model = load_model(config.checkpoint).model
+        model = load_model(model_path(config.checkpoint)).model
     else:
         model = sam_from_config(config.sam_config())
         if config.init == "usf-mae":

@@ -67,6 +67,13 @@ def resized_hw(height: int, width: int, image_size: int) -> tuple[int, int]:
     return int(height * scale), int(width * scale)
 
 
+def resize_image(image: torch.Tensor, image_size: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, h, w) uint8, long side ``image_size`` (:func:`resized_hw`), bilinear."""
+    size = resized_hw(image.shape[1], image.shape[2], image_size)
+    resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)
+    return resized[0].round().clamp(0, 255).to(torch.uint8)
+
+
 def prepare(sample: Any, options: PrepareOptions, generator: torch.Generator) -> Item:
     """Turn a data sample (``image`` (H, W, 3) uint8, ``masks`` (N, H, W) bool, ``dataset``) into an Item.
 
@@ -80,9 +87,8 @@ def prepare(sample: Any, options: PrepareOptions, generator: torch.Generator) ->
         masks = masks[keep]
     if options.flip and bool(torch.rand(1, generator=generator) < 0.5):
         image, masks = image.flip(-1), masks.flip(-1)
-    size = resized_hw(image.shape[1], image.shape[2], options.image_size)
-    image = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)
-    image = image[0].round().clamp(0, 255).to(torch.uint8)
+    image = resize_image(image, options.image_size)
+    size = tuple(image.shape[1:])
     masks = F.interpolate(masks[None].float(), size=size, mode="bilinear", align_corners=False)[0] >= 0.5
     masks = masks[masks.flatten(1).any(dim=1)]
     if options.prompt_kind == "random":

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import nn
+
+from ultrasam.model_input import normalise
 
 from ultrasam_training.config import LossConfig
 from ultrasam_training.losses import sam_loss
@@ -31,10 +34,19 @@ class Pass:
     iou: torch.Tensor
 
 
+# (3, h, w) uint8 images -> (B, C, g, g) float32 embeddings: the encoder, or a store of its outputs
+Embedder = Callable[[Sequence[torch.Tensor]], torch.Tensor]
+
+
 def encode(model: Sam, images: Sequence[torch.Tensor], autocast_dtype: torch.dtype | None) -> torch.Tensor:
-    """(3, h, w) uint8 images -> (B, C, g, g) float32 embeddings; SAM's own normalise-and-pad."""
+    """(3, h, w) uint8 images -> (B, C, g, g) float32 embeddings; the model's normalisation, then
+    zero padding to its S x S input (SAM's ``preprocess`` for SAM-normalised models)."""
     device = model.pixel_mean.device
-    batch = torch.stack([model.preprocess(image.to(device).float()) for image in images])
+    size = model.image_encoder.img_size
+    batch = torch.cat([
+        F.pad(normalise(model, image.to(device).float()[None]), (0, size - image.shape[2], 0, size - image.shape[1]))
+        for image in images
+    ])
     context = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with context:
         return model.image_encoder(batch).float()
@@ -103,13 +115,16 @@ def final_logits(passes: list[Pass]) -> torch.Tensor:
 class TrainingModel(nn.Module):
     """``Sam`` plus the recipe's loss, as one module so DDP sees one forward per step."""
 
-    def __init__(self, sam: Sam, loss: LossConfig, refine: bool, autocast_dtype: torch.dtype | None):
+    def __init__(self, sam: Sam, loss: LossConfig, refine: bool, autocast_dtype: torch.dtype | None,
+                 embed: Optional[Embedder] = None):
         super().__init__()
         self.sam, self.loss, self.refine, self.autocast_dtype = sam, loss, refine, autocast_dtype
+        self.embed = embed  # frozen-encoder training: cached embeddings instead of the encoder
 
     def forward(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
         """Mean over images (with at least one object) of the summed pass losses, plus its parts."""
-        embeddings = encode(self.sam, [item.image for item in items], self.autocast_dtype)
+        images = [item.image for item in items]
+        embeddings = self.embed(images) if self.embed else encode(self.sam, images, self.autocast_dtype)
         device = embeddings.device
         totals: dict[str, torch.Tensor] = {}
         used = 0

@@ -33,6 +33,7 @@ from ultrasam.fast_attention import accelerate_image_encoder
 from ultrasam_data.coco import CocoDataset
 from ultrasam_data.splits import split_dataset
 from ultrasam_training.config import DataConfig, TrainConfig, save_config
+from ultrasam_training.embedding_cache import EmbeddingCache, training_images
 from ultrasam_training.evaluate import evaluate
 from ultrasam_training.model_init import build_model
 from ultrasam_training.prepare import PrepareOptions, PreparedDataset, StepBatches, collate
@@ -40,6 +41,7 @@ from ultrasam_training.runlog import RunLog
 from ultrasam_training.skipped import report_skips, without_missing_images
 from ultrasam_training.step import TrainingModel
 
+EMBEDDINGS_DIR = "embeddings"
 RESUME_FILE = "resume.pt"
 BEST_FILE = "best.pth"
 FINAL_FILE = "model.pth"
@@ -140,7 +142,10 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
         accelerate_image_encoder(sam)
     autocast = torch.bfloat16 if config.run.precision == "bf16" or (config.run.precision == "auto" and on_gpu) else None
     sam.to(device)
-    optimizer = torch.optim.AdamW(sam.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    if config.model.frozen_encoder:
+        sam.image_encoder.requires_grad_(False)
+    trained = [parameter for parameter in sam.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     optim = config.optim
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, optim.warmup_steps, optim.milestones, optim.gamma)
@@ -149,17 +154,18 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
     start, best = 0, float("-inf")
     if resume and state_path.is_file():
         start, best = _load_state(state_path, sam, optimizer, scheduler, procs)
-    net = TrainingModel(sam, config.loss, config.prompts.refine, autocast)
-    if procs.world > 1:
-        # Unused per step: the negative-point embedding, and mask heads no object was closest with.
-        net = DistributedDataParallel(net, device_ids=[device.index] if on_gpu else None, find_unused_parameters=True)
-
     log = RunLog(run_dir, resume_step=start, tensorboard=True) if procs.main else None
     step, logged, tick = start, start, time.time()
     try:
         # Opened with the log open, so a refusal of the data reaches metrics.jsonl (and the Slicer module).
         train_set, val_set = _prepared_datasets(config, sam.image_encoder.img_size,
                                                 sam.prompt_encoder.mask_input_size[0], procs, log)
+        embed = _embedding_cache(config, sam, autocast, train_set, val_set, log) if config.model.frozen_encoder else None
+        net = TrainingModel(sam, config.loss, config.prompts.refine, autocast, embed)
+        if procs.world > 1:
+            # Unused per step: the negative-point embedding, and mask heads no object was closest with.
+            net = DistributedDataParallel(net, device_ids=[device.index] if on_gpu else None,
+                                          find_unused_parameters=True)
         batches = StepBatches(len(train_set), config.run.batch_size, config.run.seed, start, config.run.steps,
                               procs.rank, procs.world)
         loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
@@ -180,7 +186,7 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
                     log.write("train", step, lr=scheduler.get_last_lr()[0], images_per_s=rate,
                               **{name: float(value) for name, value in parts.items()})
             if val_set is not None and (step % config.run.val_every == 0 or step == config.run.steps):
-                best = _validate(sam, val_set, config, autocast, step, best, run_dir, log)
+                best = _validate(sam, val_set, config, autocast, step, best, run_dir, log, embed)
             if step % config.run.checkpoint_every == 0 or step == config.run.steps:
                 if procs.main:
                     _save_state(state_path, step, sam, optimizer, scheduler, best, config, procs)
@@ -217,6 +223,21 @@ def _prepared_datasets(config: TrainConfig, image_size: int, low_res_size: int, 
     return train_set, PreparedDataset(val_samples, val_options)
 
 
+def _embedding_cache(config: TrainConfig, sam, autocast, train_set, val_set, log) -> EmbeddingCache:
+    """The frozen encoder's store, filled before the first step: every training image (and its
+    mirror when training flips), then every validation image. Each rank fills it (they share files)."""
+    folder = config.model.embedding_cache or str(Path(config.output_dir) / EMBEDDINGS_DIR)
+    cache = EmbeddingCache(folder, sam, autocast)
+    size = sam.image_encoder.img_size
+    images = [(train_set.samples, config.data.flip)] + ([(val_set.samples, False)] if val_set is not None else [])
+    tick = time.time()
+    for samples, flip in images:
+        cache.fill(training_images(samples, size, flip))
+    if log:
+        log.write("embedded", 0, folder=str(cache.folder), encoded=cache.encoded, seconds=time.time() - tick)
+    return cache
+
+
 def optimise(net, sam, optimizer, scheduler, items, clip_norm: float) -> dict[str, torch.Tensor]:
     """One optimizer step on one batch; returns the detached loss parts."""
     optimizer.zero_grad(set_to_none=True)
@@ -238,9 +259,10 @@ def _mean_over_processes(parts: dict[str, torch.Tensor], procs: Processes) -> di
     return dict(zip(names, stacked / procs.world))
 
 
-def _validate(sam, val_set, config: TrainConfig, autocast, step: int, best: float, run_dir: Path, log) -> float:
+def _validate(sam, val_set, config: TrainConfig, autocast, step: int, best: float, run_dir: Path, log,
+              embed=None) -> float:
     """Rank 0 only: evaluate, log, and keep ``best.pth`` when the Dice improves; returns the best Dice."""
-    scores = evaluate(sam, (val_set[i] for i in range(len(val_set))), config.prompts.refine, autocast)
+    scores = evaluate(sam, (val_set[i] for i in range(len(val_set))), config.prompts.refine, autocast, embed)
     improved = scores["dice"] > best
     if improved:
         best = scores["dice"]

@@ -1,0 +1,59 @@
+"""Frozen-encoder fine-tuning: each image embedded once into the on-disk cache, then only the
+prompt encoder and mask decoder learn, on UltraSam's own US-43d sample."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import shared_path
+from training_tiny import TINY_SAM, run_module, tiny_config, write_config
+from ultrasam.checkpoint import SamConfig, load_model, sam_from_config, save_checkpoint
+from ultrasam_training.embedding_cache import EmbeddingCache, image_key
+from ultrasam_training.runlog import read_records
+from ultrasam_training.step import encode
+
+
+def _tiny_checkpoint(path):
+    torch.manual_seed(0)
+    return save_checkpoint(path, sam_from_config(SamConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                                               for k, v in TINY_SAM.items()})))
+
+
+def test_frozen_encoder_trains_only_the_decoder_from_a_cache_filled_once(tmp_path):
+    shared_path("us43d_sample", "sample_coco_MMOTU2D.json")
+    start = _tiny_checkpoint(tmp_path / "start.pth")
+    cache = tmp_path / "cache"
+
+    def run(name: str, steps: int):
+        config = tiny_config(tmp_path / name, steps=steps)
+        config["data"] = {"train": config["data"]["train"], "val_fraction": 0.2, "flip": True}
+        config["model"] = {"init": "checkpoint", "checkpoint": str(start), "frozen_encoder": True,
+                           "embedding_cache": str(cache)}
+        run_module("ultrasam_training", "train", str(write_config(tmp_path / f"{name}.json", config)))
+        return read_records(tmp_path / name / "metrics.jsonl")
+
+    first = run("first", steps=12)
+    embedded = [r for r in first if r["kind"] == "embedded"]
+    assert [r["encoded"] for r in embedded] == [8 * 2 + 2]  # 8 training images and their mirrors, 2 validation
+    assert len(list(cache.glob("*/*.pt"))) == 18
+    assert [r["encoded"] for r in run("second", steps=2) if r["kind"] == "embedded"] == [0]  # reused
+
+    before, after = load_model(start).model.state_dict(), load_model(tmp_path / "first" / "model.pth").model.state_dict()
+    encoder = [name for name in before if name.startswith("image_encoder.")]
+    assert all(torch.equal(before[name], after[name]) for name in encoder)
+    assert not torch.equal(before["mask_decoder.iou_token.weight"], after["mask_decoder.iou_token.weight"])
+    assert [r["step"] for r in first if r["kind"] == "val"] == [12]
+
+
+def test_cache_returns_the_encoder_output_and_encodes_each_image_once(tmp_path):
+    torch.manual_seed(0)
+    model = sam_from_config(SamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_SAM.items()}))
+    images = [torch.randint(0, 256, (3, 128, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+              for i in range(3)]
+    cache = EmbeddingCache(tmp_path, model, batch_size=2)
+    with torch.no_grad():
+        expected = encode(model.eval(), images, None)
+    assert torch.allclose(cache(images), expected, atol=2e-3 * float(expected.abs().max()))  # stored as float16
+    cache(images[:2] + [images[0].flip(-1)])
+    assert cache.encoded == 4  # only the mirror was new
+    assert image_key(images[0]) != image_key(images[0].flip(-1))

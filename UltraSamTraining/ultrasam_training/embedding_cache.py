@@ -1,0 +1,110 @@
+"""Frozen-encoder training: every image embedded once, kept on disk, reused at every step.
+
+With the image encoder frozen, its output for a given model-input image never changes, so the
+training loop reads it from this store instead of running the encoder (for LiteMedSAM's TinyViT
+on a CPU, about a second per image, against tens of milliseconds for both decoder passes).
+
+Layout: ``<folder>/<encoder fingerprint>/<image key>.pt``, one float16 (C, g, g) tensor per
+image. The image key hashes the exact resized uint8 image the encoder sees (so a flipped image
+is its own entry), the fingerprint hashes the encoder's weights (so a different model never
+reads another's embeddings). Files are written atomically; a killed run keeps what it embedded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+
+from ultrasam.checkpoint import atomic_torch_save
+from ultrasam_data.coco import DataError
+from ultrasam_training.prepare import resize_image
+from ultrasam_training.step import encode
+
+
+class EmbeddingCache:
+    """Callable: (3, h, w) uint8 model-input images -> (B, C, g, g) float32 embeddings.
+
+    Images not yet in the store are encoded (encoder in eval mode, no gradient) and written.
+    """
+
+    def __init__(self, folder: str | Path, model: Sam, autocast_dtype: Optional[torch.dtype] = None,
+                 batch_size: int = 4) -> None:
+        self.model, self.autocast_dtype, self.batch_size = model, autocast_dtype, batch_size
+        self.folder = Path(folder) / encoder_fingerprint(model)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.encoded = 0  # images this object ran through the encoder
+
+    def __call__(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        paths = [self.folder / f"{image_key(image)}.pt" for image in images]
+        missing = [i for i, path in enumerate(paths) if not path.is_file()]
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start:start + self.batch_size]
+            for i, embedding in zip(chunk, self._encode([images[i] for i in chunk])):
+                atomic_torch_save(embedding.half().cpu().clone(), paths[i])
+        device = self.model.pixel_mean.device
+        return torch.stack([torch.load(path, map_location=device, weights_only=True) for path in paths]).float()
+
+    def fill(self, images: Iterable[torch.Tensor], progress: Callable[[int], None] = lambda done: None) -> int:
+        """Embed every image not yet stored, in batches; returns how many images were looked at."""
+        batch: list[torch.Tensor] = []
+        done = 0
+        for image in images:
+            batch.append(image)
+            if len(batch) == self.batch_size:
+                self(batch)
+                done += len(batch)
+                batch = []
+                progress(done)
+        if batch:
+            self(batch)
+            done += len(batch)
+            progress(done)
+        return done
+
+    @torch.no_grad()
+    def _encode(self, images: list[torch.Tensor]) -> torch.Tensor:
+        encoder = self.model.image_encoder
+        was_training = encoder.training
+        encoder.eval()  # batch-norm statistics stay the pretrained ones
+        try:
+            self.encoded += len(images)
+            return encode(self.model, images, self.autocast_dtype)
+        finally:
+            encoder.train(was_training)
+
+
+def training_images(samples: Sequence, image_size: int, flip: bool) -> Iterable[torch.Tensor]:
+    """Each sample's model-input image, and its horizontal mirror when training flips (as
+    :func:`ultrasam_training.prepare.prepare` makes them)."""
+    for index in range(len(samples)):
+        try:
+            sample = samples[index]
+        except DataError:
+            continue  # PreparedDataset skips it too
+        image = torch.tensor(np.asarray(sample.image)).permute(2, 0, 1)
+        yield resize_image(image, image_size)
+        if flip:
+            yield resize_image(image.flip(-1), image_size)
+
+
+def image_key(image: torch.Tensor) -> str:
+    array = np.ascontiguousarray(image.cpu().numpy())
+    digest = hashlib.blake2b(array.tobytes(), digest_size=16)
+    digest.update(str(array.shape).encode())
+    return digest.hexdigest()
+
+
+def encoder_fingerprint(model: Sam) -> str:
+    """A short hash of the image encoder's weights and buffers (and its input normalisation)."""
+    from ultrasam.model_input import input_normalisation
+
+    digest = hashlib.blake2b(input_normalisation(model).encode(), digest_size=8)
+    for name, tensor in sorted(model.image_encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
