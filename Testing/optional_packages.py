@@ -1,8 +1,8 @@
 """pytest plugin for the runs under other Pythons (``make test-compat``): torch-free environments.
 
 Those environments hold what a Slicer without the extension's packages holds (numpy, SimpleITK,
-Pillow, pycocotools, tqdm) and none of torch, segment-anything, OpenCV, mmengine or the Slicer
-wheels. A test module, or a test, that fails only because one of these is missing is reported as
+Pillow, pycocotools, tqdm) and none of torch, segment-anything, OpenCV, mmengine, the Slicer
+wheels, or the server's FastAPI, uvicorn and httpx (the server runs where the model does). A test module, or a test, that fails only because one of these is missing is reported as
 skipped with the package named, as ``pytest.importorskip`` would; every other failure stays a failure.
 Load it with ``-p optional_packages``.
 """
@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 from _pytest.reports import CollectReport
 
-OPTIONAL = ("torch", "torchvision", "segment_anything", "cv2", "mmengine", "slicer", "vtk", "qt", "ctk")
+OPTIONAL = ("torch", "torchvision", "segment_anything", "cv2", "mmengine", "slicer", "vtk", "qt", "ctk",
+            "fastapi", "uvicorn", "httpx")
 
 
 def missing_optional_package(error: BaseException | None) -> str | None:

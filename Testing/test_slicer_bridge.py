@@ -24,7 +24,7 @@ import vtk  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "UltraSamSlicer"))
 from UltraSamSlicerLib import mrml_bridge  # noqa: E402
-from UltraSamSlicerLib.session import SegmentationSession  # noqa: E402
+from ultrasam.session import SegmentationSession  # noqa: E402
 from ultrasam.predictor import Prediction  # noqa: E402
 from ultrasam.prompts3d import Roi, VolumePrompts  # noqa: E402
 from ultrasam.resources import SAMPLE_VOLUME as RESECT_CASE3  # noqa: E402

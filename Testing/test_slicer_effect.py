@@ -2,7 +2,8 @@
 
 Slicer's Qt layer (qt, ctk, the Segment Editor's C++ effect adaptor, slice widgets) is absent from
 the slicer-core wheel, so it is stubbed here, and only it: MRML, segmentations, markups, the
-bridge, the session and the worker are real. The stub effect adaptor implements the few
+bridge and the session are real (run in-process by a stand-in for the server client, except in the
+tests that start the real server). The stub effect adaptor implements the few
 ``qSlicerSegmentEditorAbstractEffect`` calls the effect makes with the real MRML objects Slicer
 would hand it (the source image in the segmentation's grid, a modifier labelmap on that grid),
 and a stub slice view maps view pixels to RAS through a real vtkMRMLSliceNode.
@@ -32,7 +33,7 @@ import vtk  # noqa: E402
 MODULE_DIR = Path(__file__).resolve().parents[1] / "UltraSamSlicer"
 sys.path[:0] = [str(MODULE_DIR), str(MODULE_DIR / "Testing" / "Python")]
 from slicer_effect_loaders import load_like_slicer_5_10  # noqa: E402
-from slicer_test_fakes import ThresholdModel, ball  # noqa: E402
+from slicer_test_fakes import InlineSession, ThresholdModel, ball  # noqa: E402
 from UltraSamSlicerLib import mrml_bridge  # noqa: E402
 
 SHAPE = (12, 16, 18)
@@ -186,8 +187,6 @@ def effect(scene):
     editorNode.SetSelectedSegmentID("object")
     image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(volume)
 
-    from UltraSamSlicerLib.session import SegmentationSession
-
     effect_class = load_like_slicer_5_10(importlib.import_module("UltraSamSlicer").EFFECT_SOURCE)
     effect = effect_class(StubAdaptor(editorNode, image))
     effect.setupOptionsFrame()
@@ -199,7 +198,7 @@ def effect(scene):
     editorNode.AddObserver(slicer.vtkMRMLSegmentEditorNode.EffectParameterModified,  # calls this on each change
                            lambda caller, event: effect.updateGUIFromMRML())
     effect.updateGUIFromMRML()
-    effect.sessionFactory = lambda volume: SegmentationSession(volume, None, slice_predictor=ThresholdModel)
+    effect.sessionFactory = InlineSession
     effect.activate()
     settle(effect)
     assert effect.session is not None
@@ -207,16 +206,17 @@ def effect(scene):
     effect.deactivate()
 
 
-def settle(effect):
-    """Run the worker's jobs to the end, polling from the 'main thread' like the effect's timer."""
+def settle(effect, timeout=60.0):
+    """Poll from the 'main thread' like the effect's timer until nothing is starting or running."""
     import time
 
-    for _ in range(1000):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
         effect.onPoll()
-        if effect.worker is None or effect.worker.idle:
+        if not effect.wantSession and not (effect.session is not None and effect.session.running):
             return
         time.sleep(0.005)
-    raise AssertionError("the effect's worker did not settle")
+    raise AssertionError("the effect did not settle")
 
 
 def world_of_kji(kji) -> np.ndarray:
@@ -351,20 +351,6 @@ def test_a_prompt_outside_the_volume_is_reported_not_raised(effect, scene):
     assert view is not None
 
 
-def test_on_a_gpu_slices_are_embedded_once_in_the_background(effect):
-    from UltraSamSlicerLib.session import SegmentationSession
-
-    embedded = []
-    gpu_cache = types.SimpleNamespace(
-        predictor=types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"), batch_size=4),
-        get=lambda slices, indices: embedded.extend(indices))
-    effect.sessionFactory = lambda volume: SegmentationSession(volume, gpu_cache, slice_predictor=ThresholdModel)
-    effect.buildSession()
-    settle(effect)
-    settle(effect)  # idle again: nothing more to embed
-    assert sorted(embedded) == list(range(SHAPE[0]))
-
-
 def test_dependency_install_asks_once_and_never_in_testing_mode(qt_layer, monkeypatch):
     module = importlib.import_module("UltraSamSlicer")
     missing = [["torch>=2.1", "segment-anything==1.0"], ["segment-anything==1.0"], []]
@@ -393,32 +379,73 @@ def test_dependency_install_asks_once_and_never_in_testing_mode(qt_layer, monkey
     pip.assert_called_once_with(["segment-anything==1.0"])
 
 
-def test_the_effect_loads_the_chosen_checkpoint_and_reloads_when_it_changes(effect, scene, tiny_sam, tmp_path,
-                                                                            monkeypatch):
-    import dataclasses
-
+@pytest.fixture
+def served(effect, tiny_sam, tmp_path, monkeypatch):
+    """The effect on the real path: a local `ultrasam serve` child with a tiny checkpoint (this
+    interpreter stands in for PythonSlicer); yields the settings the module would hold."""
     from ultrasam.checkpoint import save_checkpoint
-    from UltraSamSlicerLib import model_settings
-    from UltraSamSlicerLib.models import ModelSettings, shared_manager
+    from UltraSamSlicerLib import engine, model_settings
+    from UltraSamSlicerLib.models import ModelSettings
 
     chosen = {"settings": ModelSettings(checkpoint=str(save_checkpoint(tmp_path / "first.pth", tiny_sam)),
                                         device="cpu")}
     monkeypatch.setattr(model_settings, "read", lambda: chosen["settings"])
-    effect.sessionFactory = None  # the real path: ModelManager -> load_model -> Predictor -> session
+    connection = engine.EngineConnection(sys.executable)
+    monkeypatch.setattr(engine, "_ENGINE", connection)
+    effect.engine, effect.sessionFactory = connection, None
+    yield chosen
+    effect.deactivate()
+    connection.stop()
+
+
+def test_the_effect_starts_the_server_with_the_chosen_checkpoint_and_restarts_it_when_it_changes(
+        effect, served, tmp_path, tiny_sam):
+    import dataclasses
+
+    from ultrasam.checkpoint import save_checkpoint
+
     effect.buildSession()
     settle(effect)
-    assert "first.pth" in shared_manager().description and effect.session.cache is not None
+    assert "first.pth" in effect.engine.description and effect.engine.local.running
+    first_process = effect.engine.local.process
     view = k_plane_view(6)
     click(effect, view, view.xyOf(world_of_kji(CENTER_KJI)[0]))
-    assert effect.result is not None and effect.result.mask.shape == SHAPE
+    settle(effect)
+    assert effect.result is not None and effect.result.shape == SHAPE
 
     second = save_checkpoint(tmp_path / "second.pth", tiny_sam)
-    chosen["settings"] = dataclasses.replace(chosen["settings"], checkpoint=str(second))  # e.g. "Use this model"
+    served["settings"] = dataclasses.replace(served["settings"], checkpoint=str(second))  # e.g. "Use this model"
     effect.runPrompts()
     settle(effect)
-    assert "second.pth" in shared_manager().description
+    assert "second.pth" in effect.engine.description and effect.engine.starts == 2
+    assert first_process.poll() is not None  # the first server was stopped, not left behind
     assert effect.result is not None  # the prompts ran again with the new model
-    shared_manager().unload()
+
+
+def test_a_killed_server_leaves_preview_and_segment_as_they_were_and_the_next_prompt_restarts_it(
+        effect, served, scene):
+    import os
+    import signal
+
+    effect.buildSession()
+    settle(effect)
+    view = k_plane_view(6)
+    click(effect, view, view.xyOf(world_of_kji(CENTER_KJI)[0]))
+    settle(effect)
+    before = preview_kji(effect, scene)
+    assert before and effect.engine.starts == 1
+
+    os.kill(effect.engine.local.process.pid, signal.SIGKILL)  # as the kernel's OOM killer would
+    effect.engine.local.process.wait()
+    effect.onPropagate()
+    assert "server stopped" in effect.statusLabel.text and "next prompt starts" in effect.statusLabel.text
+    assert preview_kji(effect, scene) == before and effect.session is None
+    assert effect.scriptedEffect.modifications == []  # the segment was never touched
+
+    click(effect, view, view.xyOf(world_of_kji(CENTER_KJI + [0, 1, 0])[0]))  # the next prompt
+    settle(effect)
+    assert effect.engine.starts == 2 and effect.session is not None
+    assert preview_kji(effect, scene)  # a new preview from the new server
 
 
 def test_a_markups_roi_prompts_every_slice_it_crosses_and_resizing_it_reruns(effect, scene):
@@ -478,7 +505,7 @@ def test_a_press_or_backspace_over_a_hovered_markups_point_or_handle_is_left_to_
 
 
 def test_the_effects_options_are_kept_in_the_segment_editor_node(effect, scene):
-    from UltraSamSlicerLib.session import Span
+    from ultrasam.session import Span
 
     node = effect.scriptedEffect.editorNode
     assert (node.GetAttribute("UltraSam.Direction"), node.GetAttribute("UltraSam.MinIoU")) == ("both", "0.5")
@@ -496,7 +523,7 @@ def test_the_effects_options_are_kept_in_the_segment_editor_node(effect, scene):
     effect.updateGUIFromMRML()
     assert (effect.directionCombo.currentIndex, effect.minIouSpin.value, effect.applyModeCombo.currentIndex) == \
         (2, 0.25, 1)
-    assert effect.span() == Span("backward", 2, 9)
+    assert Span(**effect.span()) == Span("backward", 2, 9)  # what the server builds from the request
     view = k_plane_view(6)
     click(effect, view, view.xyOf(world_of_kji(CENTER_KJI)[0]))
     effect.onApply()
@@ -507,60 +534,105 @@ def test_choosing_the_effects_own_prompt_node_as_extra_points_counts_its_points_
     own = effect.promptNode(True)
     own.AddControlPointWorld(vtk.vtkVector3d(*world_of_kji(CENTER_KJI)[0]))
     effect.pointsSelector = types.SimpleNamespace(currentNode=lambda: own)
-    assert len(effect.collectPrompts().points) == 1
+    assert len(effect.collectPrompts()["points"]) == 1
 
 
-def test_a_job_queued_before_the_session_changed_never_reaches_the_new_one(effect, scene, monkeypatch):
-    """A preview still running when the source volume (or model) changes must not be shown in the
-    new session; only the new session's own results are."""
-    import threading
+def test_a_run_of_the_previous_session_never_reaches_the_new_one(effect, scene):
+    """A preview still running on the server when the source volume (or the model) changes must
+    not be shown in the new session: the old session is closed on the server (which cancels its
+    run there) and never polled again; only the new session's own results are shown."""
+    class RunningSession(InlineSession):
+        """The old session: its run goes on on the server until ``finished``; then a poll brings its
+        mask, as RemoteSession's does once the server's run is done."""
+        finished, polls_after_close = False, 0
 
-    from UltraSamSlicerLib.session import SegmentationSession
+        def start(self, *request, **options):
+            self.running, self.request = True, (request, options)
+            return self.RunState("running", (0, 1))
 
-    gate = threading.Event()
+        def poll(self, wait=0.0):
+            self.polls_after_close += self.closed
+            if self.running and self.finished:
+                self.running = False
+                return super().start(*self.request[0], **self.request[1])
+            return self.RunState("running", (0, 1)) if self.running else self.last
 
-    class GatedModel(ThresholdModel):  # the old session: its preview waits until the session changed
-        def predict(self, *args, **kwargs):
-            gate.wait(10)
-            return super().predict(*args, **kwargs)
-
-    class BlindModel(ThresholdModel):  # the new session: finds nothing, so its results are told apart
+    class BlindModel(ThresholdModel):  # the new session's model finds nothing: its results are told apart
         def predict(self, *args, **kwargs):
             prediction = super().predict(*args, **kwargs)
             return type(prediction)(np.zeros_like(prediction.mask), 1.0, prediction.low_res_logits)
 
-    effect.sessionFactory = lambda volume: SegmentationSession(volume, None, slice_predictor=GatedModel)
+    effect.sessionFactory = RunningSession
     effect.buildSession()
-    settle(effect)
+    old = effect.session
     view = k_plane_view(6)
-    xy = view.xyOf(world_of_kji(CENTER_KJI)[0])
     for event in (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonReleaseEvent):
-        effect.processInteractionEvents(interactor(xy), event, view)
-    effect.runPrompts()  # the old session's preview starts and waits at the gate
-    shown = []
-    monkeypatch.setattr(effect, "showResult", lambda result: shown.append(int(result.mask.sum())))
-    effect.sessionFactory = lambda volume: SegmentationSession(volume, None, slice_predictor=BlindModel)
-    effect.buildSession()  # another source volume: the new session loads behind the running preview
-    gate.set()
+        effect.processInteractionEvents(interactor(view.xyOf(world_of_kji(CENTER_KJI)[0])), event, view)
+    effect.runPrompts()
+    effect.onPoll()
+    assert old.running and effect.result is None  # the old session's preview is still going
+
+    effect.sessionFactory = lambda volume: InlineSession(volume, slice_predictor=BlindModel)
+    effect.buildSession()  # another source volume (or model): a new session, the old one closed
+    old.finished = True  # the old run ends on the server now
     settle(effect)
-    assert shown == [0]  # the new session's own (empty) preview only
-    assert isinstance(effect.session._make_predictor(effect.session.slices()), BlindModel)
+    assert old.closed and old.polls_after_close == 0
+    assert effect.result is not None and not effect.result.any()  # the new session's own (empty) preview
+    assert preview_kji(effect, scene) == set()
+    old.running = True
+    assert old.poll().state == "done" and old.mask.any()  # what it would have shown: the ball's slice
 
 
-def test_cleanup_stops_the_worker_and_the_prompt_observers(effect):
-    import threading
-
-    from UltraSamSlicerLib.worker import Job
-
-    gate = threading.Event()
-    job = effect.worker.request(Job("propagate", lambda job: gate.wait(10)))
+def test_cleanup_stops_polling_and_observing_and_closes_the_volume_on_the_server(effect, monkeypatch):
+    session = effect.session
+    session.running = True  # a run is going on the server
     node = effect.promptNode(True)  # observed by the effect
-    effect.cleanup()  # what Slicer calls when it closes
-    assert effect.worker is None and job.cancel.is_set()
+    stopped_servers = []
+    monkeypatch.setattr(effect.engine, "stop", lambda: stopped_servers.append(True))
+    effect.pollTimer.reset_mock()
     effect.runTimer.reset_mock()
+    effect.cleanup()  # what Slicer calls when it closes
+    assert effect.pollTimer.stop.called and effect.runTimer.stop.called
+    assert session.closed and effect.session is None  # closing cancels its run on the server
+    assert stopped_servers == []  # the server belongs to the module: it stops when Slicer exits
     node.AddControlPointWorld(vtk.vtkVector3d(0.0, 0.0, 0.0))
     assert not effect.runTimer.start.called
-    gate.set()
+
+
+def test_propagation_leaves_blank_slices_empty_and_the_effect_shows_the_servers_warnings(effect, scene):
+    view = k_plane_view(6)
+    click(effect, view, view.xyOf(world_of_kji(CENTER_KJI)[0]))
+    effect.onPropagate()
+    settle(effect)
+    assert preview_kji(effect, scene) == ball_voxels(range(3, 10))
+    # Beyond the ball (slices 3..9) the volume holds one grey value: the walks meet blank slices.
+    assert "Warning: slice(s) [2, 10] are blank (a single grey value) and were left empty" in \
+        effect.statusLabel.text
+
+
+@pytest.mark.parametrize("prompt, propagate, span", [
+    ("click", False, None), ("box", False, None), ("click", True, None),
+    ("click", True, {"direction": "forward"}), ("box", True, {"direction": "backward", "first": 4, "last": 8}),
+])
+def test_the_numpy_stand_in_answers_as_the_core_session_does(effect, prompt, propagate, span):
+    """The effect's self-test runs on NumpySession where Slicer has no torch: its masks must be
+    those of the core's session with the same stand-in model (InlineSession)."""
+    from slicer_test_fakes import NumpySession
+    from ultrasam.wire import prompts_to_json
+
+    centre = world_of_kji(CENTER_KJI)[0]
+    if prompt == "click":
+        prompts = prompts_to_json([centre], [1])
+    else:
+        prompts = prompts_to_json(np.zeros((0, 3)), [], boxes=[tuple(world_of_kji([[7, 5, 6], [7, 12, 13]]))])
+    answers = []
+    for session in (InlineSession(effect.volume), NumpySession(effect.volume)):
+        state = session.start(prompts, propagate, 0, span)
+        answers.append((state.state, state.propagated, session.mask))
+    (core_state, core_propagated, core_mask), (state, propagated, mask) = answers
+    assert (state, propagated) == (core_state, core_propagated) == ("done", propagate)
+    assert mask.any()
+    np.testing.assert_array_equal(mask, core_mask)
 
 
 def test_align_views_turns_views_to_the_grid_clicks_are_checked_against(qt_layer, scene):

@@ -64,3 +64,35 @@ def test_the_module_self_test_of_the_dependency_check_passes_in_both_modes_witho
     slicer.app.testingEnabled.return_value = testing
     module.UltraSamSlicerTest("test_dependency_check_is_silent_in_testing").test_dependency_check_is_silent_in_testing()
     assert dialogs == [] and slicer.util.confirmOkCancelDisplay is dialog  # never shown; restored afterwards
+
+
+def test_the_effect_self_tests_stand_in_for_the_server_runs_without_torch():
+    """The effect self-test's preview/apply/undo part runs on slicer_test_fakes.NumpySession where
+    Slicer has no torch; here, in a Python where importing torch fails, it must still answer a click
+    with the bright ball's slice and a propagation with the whole ball."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["torch"] = None  # any import of torch now fails
+import numpy as np
+from slicer_test_fakes import NumpySession, ball
+from ultrasam.geometry import Geometry, Volume
+from ultrasam.wire import prompts_to_json
+
+inside = ball((12, 16, 18), (6, 8, 9), 3.3)
+volume = Volume(np.where(inside, 200.0, 10.0).astype(np.float32), Geometry([4.0, -2.0, 1.0], [0.5, 0.6, 1.2]))
+click = prompts_to_json(volume.geometry.ijk_to_ras(np.array([[9.0, 8.0, 6.0]])), [1])
+session = NumpySession(volume)
+assert session.start(click).state == "done"
+assert np.array_equal(session.mask, inside & (np.arange(12) == 6)[:, None, None])
+assert session.start(click, propagate=True).propagated
+assert np.array_equal(session.mask, inside)
+print("ok")
+"""
+    path = os.pathsep.join([str(ROOT / "UltraSamSlicer"), str(ROOT / "UltraSamSlicer" / "Testing" / "Python")])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=path))
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

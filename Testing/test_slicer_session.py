@@ -1,4 +1,4 @@
-"""The effect's Qt-free state (session) and its inference thread (worker).
+"""The segmentation session the server holds per volume, and the module's model settings.
 
 The session is driven with a stand-in predictor that thresholds the slice it is given, on a
 synthetic ball whose extent is known by construction, so the slices a run may and may not touch
@@ -8,8 +8,6 @@ are known exactly.
 from __future__ import annotations
 
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +16,7 @@ import pytest
 MODULE_DIR = Path(__file__).resolve().parents[1] / "UltraSamSlicer"
 sys.path[:0] = [str(MODULE_DIR), str(MODULE_DIR / "Testing" / "Python")]
 from slicer_test_fakes import ThresholdModel, ball  # noqa: E402
-from UltraSamSlicerLib.session import SegmentationSession, Span  # noqa: E402
-from UltraSamSlicerLib.worker import InferenceWorker, Job, WorkerBusy  # noqa: E402
+from ultrasam.session import SegmentationSession, Span  # noqa: E402
 from ultrasam.geometry import Geometry, Volume  # noqa: E402
 from ultrasam.prompts3d import VolumePrompts  # noqa: E402
 from ultrasam.propagation import PropagationCancelled  # noqa: E402
@@ -111,68 +108,28 @@ def test_cancel_keeps_the_previous_result_and_reruns_reuse_it():
     assert "9 slice(s) segmented, 6..14 along k" in again.summary()
 
 
-def wait_for(worker):
-    for _ in range(500):
-        finished = worker.poll()
-        if finished is not None:
-            return finished
-        time.sleep(0.01)
-    raise AssertionError("worker did not finish")
+class Everywhere(ThresholdModel):
+    """A model as sure of itself on blank input as SAM-type models are: the whole slice, IoU 0.9."""
+
+    def predict(self, index, prompt, mask_input=None):
+        prediction = super().predict(index, prompt, mask_input)
+        return type(prediction)(np.ones_like(prediction.mask), 0.9, prediction.low_res_logits)
 
 
-def test_worker_runs_one_job_at_a_time_and_keeps_only_the_latest_request():
-    worker = InferenceWorker()
-    gate, ran = threading.Event(), []
-    worker.start(Job("long", lambda job: gate.wait(5) and "long"))
-    with pytest.raises(WorkerBusy, match="'long' is still running"):
-        worker.start(Job("second", lambda job: None))
-    worker.request(Job("preview 1", lambda job: ran.append(1)))
-    worker.request(Job("preview 2", lambda job: ran.append(2) or "p2"))
-    assert worker.poll() is None
-    gate.set()
-    job, result, error = wait_for(worker)
-    assert (job.name, result, error) == ("long", "long", None)
-    job, result, error = wait_for(worker)
-    assert (job.name, result, ran) == ("preview 2", "p2", [2])
-    worker.shutdown()
+def test_blank_slices_stay_empty_unasked_and_the_result_says_so_as_ultrasam_segment_does():
+    volume = ball_volume()  # zero outside the ball: slices 0..5 and 15..23 hold one grey value
+    log = []
+    session = SegmentationSession(volume, None, slice_predictor=lambda slices: Everywhere(slices, log))
+    result = session.run(centre_prompt(volume), propagate=True)
+    assert segmented_slices(result.mask, 0) == list(range(6, 15)) and result.mask[6:15].all()
+    assert sorted({index for index, _ in log}) == list(range(6, 15))  # the model never saw a blank slice
+    assert result.warnings == ["slice(s) [5, 15] are blank (a single grey value) and were left empty"]
 
-
-def test_worker_cancel_and_errors_reach_the_main_thread():
-    worker = InferenceWorker()
-
-    def steps(job):
-        for n in range(1000):
-            if job.cancel.is_set():
-                return f"stopped at {n}"
-            job.progress = (n, 1000)
-            time.sleep(0.001)
-        return "finished"
-
-    job = worker.start(Job("propagate", steps))
-    time.sleep(0.05)
-    worker.cancel()
-    job, result, error = wait_for(worker)
-    assert result.startswith("stopped at") and error is None
-    worker.start(Job("broken", lambda job: 1 / 0))
-    job, result, error = wait_for(worker)
-    assert isinstance(error, ZeroDivisionError) and result is None and not worker.busy
-    worker.shutdown()
-
-
-def test_a_request_interrupts_background_work():
-    worker = InferenceWorker()
-    started = threading.Event()
-
-    def embed(job):
-        started.set()
-        return "interrupted" if job.cancel.wait(5) else "ran to the end"
-
-    worker.request(Job("embed", embed, background=True))
-    started.wait(5)
-    worker.request(Job("preview", lambda job: "preview"))
-    assert wait_for(worker)[1] == "interrupted"
-    assert wait_for(worker)[1] == "preview"
-    worker.shutdown()
+    on_blank = VolumePrompts(volume.geometry.ijk_to_ras(np.array([11.0, 9.0, 2.0]))[None], [1], frame="ras")
+    with pytest.raises(ValueError, match=r"prompted slice\(s\) \[2\] are blank"):
+        session.run(on_blank, propagate=False)
+    with pytest.raises(ValueError, match=r"every voxel has the value 0 \(a blank image\)"):
+        SegmentationSession(Volume(np.zeros(SHAPE, np.uint8), volume.geometry, "blank"), None)
 
 
 def test_with_a_real_model_the_session_gives_what_the_core_gives(tiny_sam):
@@ -198,13 +155,13 @@ def test_with_a_real_model_the_session_gives_what_the_core_gives(tiny_sam):
 
 def test_model_settings_fall_back_to_the_shipped_model_and_say_how_to_get_ultrasam(tmp_path, monkeypatch):
     import ultrasam.resources
-    from UltraSamSlicerLib.models import ModelManager, ModelSettings
+    from UltraSamSlicerLib.engine import serve_arguments
+    from UltraSamSlicerLib.models import ModelSettings
 
-    assert ModelSettings(cache_dir=str(tmp_path)).checkpoint_path() == ultrasam.resources.SHIPPED_MODEL
-    manager = ModelManager()
-    manager.cache(ModelSettings(cache_dir=str(tmp_path), device="cpu"))
-    assert manager.description.startswith("the compact model shipped with UltraSamSlicer")
-    assert "NOT UltraSam" in manager.description and "download the UltraSam weights" in manager.description
+    settings = ModelSettings(cache_dir=str(tmp_path), device="cpu", precision="float32", cache_gib=1.5)
+    assert settings.checkpoint_path() == ultrasam.resources.SHIPPED_MODEL
+    assert serve_arguments(settings) == ["--checkpoint", str(ultrasam.resources.SHIPPED_MODEL), "--device", "cpu",
+                                         "--precision", "float32", "--cache-gib", "1.5"]
     monkeypatch.setattr(ultrasam.resources, "SHIPPED_MODEL", tmp_path / "not-installed.pth")
     with pytest.raises(FileNotFoundError, match="Download UltraSam weights"):
         ModelSettings(cache_dir=str(tmp_path)).checkpoint_path()

@@ -2,8 +2,8 @@
 
 Nothing heavy happens when Slicer starts or the module opens: the effect and the sample data are
 registered at ``startupCompleted()``; torch and segment-anything are installed only when the user
-asks (one confirmation, never a dialog in testing mode); the model is loaded by the effect on its
-worker thread the first time it segments.
+asks (one confirmation, never a dialog in testing mode). The model never runs in Slicer's process:
+the effect starts ``ultrasam serve`` (or connects to a remote one) the first time it segments.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from slicer.ScriptedLoadableModule import (
 )
 
 from UltraSamSlicerLib import model_settings
+from UltraSamSlicerLib.engine import ServerError, shared_engine, start_download
 from UltraSamSlicerLib.models import (DEVICES, LITEMEDSAM, OFFICIAL, PRECISIONS, ModelSettings, missing_requirements,
-                                      shared_manager, shipped_model_note)
-from UltraSamSlicerLib.worker import InferenceWorker, Job
+                                      shipped_model_note)
 from ultrasam.resources import SHIPPED_MODEL
 
 MODULE_DIR = Path(__file__).resolve().parent
@@ -133,8 +133,9 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         self.logic = UltraSamSlicerLogic()
-        self.worker = InferenceWorker()
-        self.partialFile = None  # the weights download in progress, if any
+        self.download = None  # the weights download child process, while it runs
+        self.partialFile = None
+        self.connecting = False  # "Load model now" waits for the server
         self.timer = qt.QTimer()
         self.timer.setInterval(200)
         self.timer.connect("timeout()", self.onPoll)
@@ -170,6 +171,14 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         self.cacheSpin.suffix = " GiB"
         self.cacheSpin.toolTip = "Memory for slice embeddings (4 MiB per slice); twice as much more in CPU memory."
         form.addRow("Embedding cache:", self.cacheSpin)
+        self.serverEdit = qt.QLineEdit()
+        self.serverEdit.placeholderText = "empty: run the model here, in a process of its own"
+        self.serverEdit.toolTip = "URL of a remote `ultrasam serve` (e.g. a lab GPU): http://host:8765"
+        form.addRow("Remote server:", self.serverEdit)
+        self.tokenEdit = qt.QLineEdit()
+        self.tokenEdit.echoMode = qt.QLineEdit.Password
+        self.tokenEdit.toolTip = "The token the remote server printed (`ultrasam serve --new-token`)."
+        form.addRow("Server token:", self.tokenEdit)
         self.loadButton = qt.QPushButton("Load model now")
         form.addRow(self.loadButton)
         self.statusLabel = qt.QLabel()
@@ -195,7 +204,9 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
                                ("currentPathChanged(QString)", self.pathEdit),
                                ("currentIndexChanged(int)", self.deviceCombo),
                                ("currentIndexChanged(int)", self.precisionCombo),
-                               ("valueChanged(double)", self.cacheSpin)):
+                               ("valueChanged(double)", self.cacheSpin),
+                               ("editingFinished()", self.serverEdit),
+                               ("editingFinished()", self.tokenEdit)):
             widget.connect(signal, self.onSettingsChanged)
         self.downloadButton.connect("clicked()", self.onDownload)
         self.loadButton.connect("clicked()", self.onLoadModel)
@@ -204,12 +215,13 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
 
     def cleanup(self):
         self.timer.stop()
-        self.worker.shutdown()
 
     def updateGUIFromSettings(self):
         settings = model_settings.read()
         isOfficial = settings.checkpoint == OFFICIAL
-        for widget in (self.sourceCombo, self.pathEdit, self.deviceCombo, self.precisionCombo, self.cacheSpin):
+        widgets = (self.sourceCombo, self.pathEdit, self.deviceCombo, self.precisionCombo, self.cacheSpin,
+                   self.serverEdit, self.tokenEdit)
+        for widget in widgets:
             widget.blockSignals(True)
         isNamed = settings.checkpoint in (OFFICIAL, LITEMEDSAM)
         self.sourceCombo.currentIndex = self.sourceCombo.findData(settings.checkpoint if isNamed else "file")
@@ -218,10 +230,11 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         self.deviceCombo.currentIndex = max(0, self.deviceCombo.findText(settings.device))
         self.precisionCombo.currentIndex = max(0, self.precisionCombo.findText(settings.precision))
         self.cacheSpin.value = settings.cache_gib
-        for widget in (self.sourceCombo, self.pathEdit, self.deviceCombo, self.precisionCombo, self.cacheSpin):
+        self.serverEdit.text, self.tokenEdit.text = settings.server_url, settings.server_token
+        for widget in widgets:
             widget.blockSignals(False)
         self.pathEdit.enabled = not isNamed
-        self.downloadButton.enabled = isOfficial and not self.worker.busy
+        self.downloadButton.enabled = isOfficial and self.download is None
         missing = missing_requirements()
         self.dependencyLabel.text = ("All Python packages are installed." if not missing
                                      else "Missing: " + ", ".join(missing))
@@ -229,13 +242,15 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         self.statusLabel.text = self.weightsStatus(settings)
 
     def weightsStatus(self, settings: ModelSettings) -> str:
-        manager = shared_manager()
+        engine = shared_engine()
+        if settings.server_url:
+            return f"Connected: {engine.description}" if engine.description else f"Remote server {settings.server_url}"
         try:
             path = settings.checkpoint_path()
         except (FileNotFoundError, ImportError) as error:  # ImportError: packages not installed yet
             return str(error)
-        if manager.description:
-            return f"Loaded: {manager.description}"
+        if engine.description:
+            return f"Loaded: {engine.description}"
         return f"Ready to load {shipped_model_note() if path == SHIPPED_MODEL else path}"
 
     def onSettingsChanged(self, *unused):
@@ -245,6 +260,8 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
             device=self.deviceCombo.currentText,
             precision=self.precisionCombo.currentText,
             cache_gib=self.cacheSpin.value,
+            server_url=self.serverEdit.text.strip(),
+            server_token=self.tokenEdit.text.strip(),
         ))
         self.updateGUIFromSettings()
 
@@ -253,46 +270,50 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         self.updateGUIFromSettings()
 
     def onDownload(self):
-        if not self.logic.installDependencies():
-            return
-        from ultrasam.download import OFFICIAL_NAME, download_official_weights
+        from ultrasam.download import OFFICIAL_NAME
 
+        if self.download is not None:
+            return
         folder = model_settings.weights_folder()
-        download = Job("download", lambda job: download_official_weights(folder, progress=False))
-        if self.startJob(download, "Downloading..."):
-            self.partialFile = Path(folder) / (OFFICIAL_NAME + ".part")
-            self.downloadButton.enabled = False
+        self.download = start_download(folder)  # a child process: Slicer never waits on it
+        self.partialFile = Path(folder) / (OFFICIAL_NAME + ".part")
+        self.downloadButton.enabled = False
+        self.statusLabel.text = "Downloading..."
+        self.timer.start()
 
     def onLoadModel(self):
-        if not self.logic.installDependencies():
+        if not model_settings.read().server_url and not self.logic.installDependencies():
             return
-        settings = model_settings.read()
-        self.startJob(Job("load", lambda job: shared_manager().cache(settings)), "Loading the model...")
-
-    def startJob(self, job: Job, message: str) -> bool:
-        """Run ``job`` on the panel's worker unless one is running; poll it with the timer."""
-        if self.worker.busy:
-            self.statusLabel.text = f"Wait for '{self.worker.running.name}' to finish."
-            return False
-        self.partialFile = None
-        self.worker.start(job)
-        self.statusLabel.text = message
+        self.connecting = True
+        self.statusLabel.text = "Starting the UltraSam server..."
         self.timer.start()
-        return True
 
     def onPoll(self):
-        """Main thread: report download progress (size of the partial file) and finished jobs."""
-        finished = self.worker.poll()
-        if finished is None:
-            if self.partialFile is not None and self.partialFile.exists():
+        """Main thread: download progress (size of the partial file) and the server coming up."""
+        if self.download is not None:
+            self.pollDownload()
+        if self.connecting:
+            try:
+                self.connecting = shared_engine().client(model_settings.read()) is None
+            except (ServerError, FileNotFoundError) as error:
+                self.connecting = False
+                self.statusLabel.text = f"The UltraSam server did not start: {error}"
+                return
+            if not self.connecting:
+                self.updateGUIFromSettings()
+        if self.download is None and not self.connecting:
+            self.timer.stop()
+
+    def pollDownload(self):
+        if self.download.poll() is None:
+            if self.partialFile.exists():
                 self.statusLabel.text = f"Downloading: {self.partialFile.stat().st_size / 2**20:.0f} MB of about 375 MB"
             return
-        self.timer.stop()
-        job, _, error = finished
+        output, code, self.download = self.download.stdout.read().strip(), self.download.returncode, None
         self.updateGUIFromSettings()
-        if error is not None:
-            self.statusLabel.text = f"{job.name} failed: {error}"
-            logging.error(f"UltraSam {job.name} failed: {error}")
+        if code != 0:
+            self.statusLabel.text = f"Download failed: {output.splitlines()[-1] if output else code}"
+            logging.error(f"UltraSam download failed: {output}")
 
     def onOpenEditor(self):
         slicer.util.selectModule("SegmentEditor")
@@ -325,7 +346,7 @@ class UltraSamSlicerTest(ScriptedLoadableModuleTest):
         before = model_settings.read()
         try:
             wanted = ModelSettings(checkpoint="/tmp/model.pth", device="cpu", precision="float32", cache_gib=1.5,
-                                   cache_dir=before.cache_dir)
+                                   cache_dir=before.cache_dir, server_url="http://gpu-box:8765", server_token="t")
             model_settings.save(wanted)
             self.assertEqual(model_settings.read(), wanted)
         finally:

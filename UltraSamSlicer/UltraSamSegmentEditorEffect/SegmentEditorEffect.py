@@ -1,11 +1,13 @@
 """The UltraSam Segment Editor effect: prompts in slice views -> live preview -> propagate -> apply.
 
 A thin Qt layer. Clicks, drags and markups become world-RAS prompts (:mod:`mrml_bridge`); the
-Qt-free :class:`~UltraSamSlicerLib.session.SegmentationSession` turns them into a (K, J, I) mask on
-the one inference thread (:mod:`worker`); a ``QTimer`` on the main thread collects results and does
-all MRML work. The result is shown in a separate preview segmentation and reaches the edited
-segment only through ``modifySelectedSegmentByLabelmap``, after one ``saveStateForUndo``, so
-masking, overwrite rules and the editor's undo/redo apply.
+model runs in ``ultrasam serve``, a separate process (:mod:`UltraSamSlicerLib.engine`), which turns
+them into a (K, J, I) mask; the effect only makes short calls from the main thread: a run is
+started, then a ``QTimer`` polls it and does all MRML work. If the server dies, the preview and the
+segment stay as they were, and the next prompt starts it again. The result is shown in a separate
+preview segmentation and reaches the edited segment only through
+``modifySelectedSegmentByLabelmap``, after one ``saveStateForUndo``, so masking, overwrite rules and
+the editor's undo/redo apply.
 
 Slicer APIs used here (all in Slicer 5.8): ``AbstractScriptedSegmentEditorEffect`` and the
 ``qSlicerSegmentEditorAbstractEffect`` methods declared in qSlicerSegmentEditorAbstractEffect.h
@@ -17,7 +19,6 @@ Slicer APIs used here (all in Slicer 5.8): ``AbstractScriptedSegmentEditorEffect
 
 from __future__ import annotations
 
-import logging
 import os
 
 import qt
@@ -25,11 +26,12 @@ import slicer
 import vtk
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
-# Only absolute imports of the helpers' package: Slicer loads this file as the module
-# "UltraSamSegmentEditorEffect" (its folder's name), never as part of a package.
+# Only absolute imports: Slicer loads this file as the module "UltraSamSegmentEditorEffect" (its
+# folder's name), never as part of a package.
+from ultrasam.wire import prompts_to_json
 from UltraSamSlicerLib import model_settings, mrml_bridge
-from UltraSamSlicerLib.models import missing_requirements, shared_manager
-from UltraSamSlicerLib.worker import InferenceWorker, Job
+from UltraSamSlicerLib.engine import ServerError, ServerGone, shared_engine
+from UltraSamSlicerLib.models import missing_requirements
 
 EFFECT_NAME = "UltraSam"
 PREVIEW_ROLE = "UltraSamPreview"  # node reference of the preview segmentation in the editor node
@@ -37,8 +39,8 @@ PREVIEW_SEGMENT = "UltraSamPreview"
 PROMPT_ROLE_ATTRIBUTE = "UltraSam.PromptRole"  # marks the effect's own click-prompt nodes
 DRAG_PIXELS = 4  # a press-release that moves further is a box, not a click
 POLL_MS = 50
-USER_ERRORS = (ValueError, FileNotFoundError, IndexError)  # shown in the panel, not as a traceback
-DIRECTIONS = ("both", "forward", "backward")  # the "Direction" parameter
+CLICK_WAIT_S = 0.1  # a preview started from a click is usually back within this one call
+DIRECTIONS = ("both", "forward", "backward")  # the "Direction" parameter (ultrasam.session.DIRECTIONS)
 APPLY_MODES = ("add", "replace")  # the "ApplyMode" parameter, in the order of the Apply combo box
 MARKUPS_KEYS = ("BackSpace", "Delete")  # Markups deletes the hovered point with these (vtkSlicerMarkupsWidget)
 
@@ -52,18 +54,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         scriptedEffect.perSegment = True
         scriptedEffect.requireSegments = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
-        # Tests replace this to run without a model: volume -> SegmentationSession.
+        # Tests replace this to run without a server: volume -> an object with RemoteSession's calls.
         self.sessionFactory = None
-        self.sessionSettings = None  # model settings the current session was loaded with
-        self.generation = 0  # counts sessions: a job's result is used only in the session that queued it
-        self.worker = None
-        self.session = None
+        self.sessionSettings = None  # model settings the current session was opened with
+        self.engine = None  # set while active
+        self.session = None  # ultrasam.client.RemoteSession of the source volume
+        self.wantSession = False  # open one as soon as the server is ready
+        self.queuedRun = None  # a run asked for while another was going: its `propagate`
         self.volume = None
         self.axis = 0
         self.propagated = False
-        self.result = None
-        self.embeddedAxes = set()
-        self.boxes = {}  # (axis, slice index) -> SliceBox in world RAS
+        self.result = None  # the preview's (K, J, I) uint8 mask
+        self.boxes = {}  # (axis, slice index) -> two opposite corners of a box, world RAS
         self.undoStack = []  # callables removing the most recent click or box
         self.drag = None
         self.rubberBands = {}
@@ -231,18 +233,18 @@ point deletes it. A points node selected below adds more positive points.</li>
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def activate(self):
-        self.worker = InferenceWorker()
+        self.engine = shared_engine()
         self.pollTimer.start()
         self.observePromptNodes()
         self.buildSession()
 
     def deactivate(self):
         self.stopWork()
+        self.engine = None
         for viewWidget, (actor, _) in self.rubberBands.items():
             self.scriptedEffect.removeActor2D(viewWidget, actor)
         self.rubberBands = {}
         self.discardPreview()
-        self.session = None
 
     def cleanup(self):
         """The effect is destroyed (Slicer closes): nothing of it may keep running or observing."""
@@ -251,27 +253,25 @@ point deletes it. A points node selected below adds more positive points.</li>
         self.runTimer.disconnect("timeout()", self.runPrompts)
 
     def stopWork(self):
-        """Stop the timers, ask a running job to stop (never waiting for it), stop observing prompts."""
+        """Stop the timers and observing prompts; close the volume on the server (which cancels its
+        run there, never waiting for it). The server itself belongs to the module: it stops at exit."""
         self.pollTimer.stop()
         self.runTimer.stop()
-        if self.worker is not None:
-            self.worker.shutdown()
-            self.worker = None
+        self.closeSession()
         self.unobservePromptNodes()
 
     def sourceVolumeNodeChanged(self):
-        if self.worker is not None:
+        if self.engine is not None:
             self.buildSession()
 
     def referenceGeometryChanged(self):
-        if self.worker is not None:
+        if self.engine is not None:
             self.buildSession()
 
     def buildSession(self):
-        """Read the source image (in the segmentation's grid) and load the model on the worker."""
-        self.generation += 1  # whatever is queued or running now belongs to the previous session
-        self.session, self.result, self.propagated = None, None, False
-        self.embeddedAxes = set()  # axes whose slices are all embedded already
+        """Read the source image (in the segmentation's grid); it is sent to the server when ready."""
+        self.closeSession()
+        self.result, self.propagated, self.volume = None, False, None
         self.discardPreview()
         image = self.scriptedEffect.sourceVolumeImageData()
         segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
@@ -279,7 +279,7 @@ point deletes it. A points node selected below adds more positive points.</li>
             self.setStatus("Select a segmentation and a source volume.")
             return
         missing = missing_requirements()
-        if missing and self.sessionFactory is None:
+        if missing and self.sessionFactory is None and not model_settings.read().server_url:
             self.setStatus(f"Missing Python packages ({', '.join(missing)}): install them in the UltraSam module.")
             return
         try:
@@ -288,17 +288,43 @@ point deletes it. A points node selected below adds more positive points.</li>
         except mrml_bridge.BridgeError as error:
             self.setStatus(str(error))
             return
-        volume, factory = self.volume, self.sessionFactory
-        if factory is None:
-            chosen = self.sessionSettings = model_settings.read()
+        self.wantSession = True
+        self.openSession()
 
-            def factory(volume):
-                from UltraSamSlicerLib.session import SegmentationSession
+    def openSession(self):
+        """Send the volume to the server once it is ready (short calls; the timer calls again)."""
+        try:
+            if self.sessionFactory is not None:
+                self.session = self.sessionFactory(self.volume)
+            else:
+                settings = self.sessionSettings = model_settings.read()
+                client = self.engine.client(settings)
+                if client is None:
+                    self.setStatus("Starting the UltraSam server...")
+                    return
+                geometry = self.volume.geometry
+                self.session = client.open_volume(self.volume.voxels, geometry.origin_lps, geometry.spacing,
+                                                  geometry.direction_lps, self.volume.name)
+        except ServerGone as error:
+            self.wantSession = False
+            self.setStatus(f"{error}. Prompt again to retry.")
+            return
+        except (ServerError, FileNotFoundError) as error:
+            self.wantSession = False
+            self.setStatus(str(error))
+            return
+        self.wantSession = False
+        description = self.engine.description if self.engine is not None else ""
+        self.setStatus(f"Ready: {description}." if description else "Ready.")
+        self.runPrompts()
 
-                return SegmentationSession(volume, shared_manager().cache(chosen))
-
-        self.submit("load", lambda job: factory(volume))
-        self.setStatus("Loading UltraSam...")
+    def closeSession(self):
+        session, self.session, self.wantSession, self.queuedRun = self.session, None, False, None
+        if session is not None:
+            try:
+                session.close()
+            except ServerError:
+                pass  # gone already, or expired: nothing left to free
 
     # ---- prompts --------------------------------------------------------------------------------
     def promptNode(self, positive: bool):
@@ -347,23 +373,22 @@ point deletes it. A points node selected below adds more positive points.</li>
         self.runTimer.start()
 
     def collectPrompts(self):
-        """Everything placed, as :class:`ultrasam.prompts3d.VolumePrompts` in world RAS."""
+        """Everything placed, in world RAS, as :func:`ultrasam.wire.prompts_to_json` makes it."""
         import numpy as np
-        from ultrasam.prompts3d import Roi, VolumePrompts
 
         points, labels, rois = [], [], []
         for node in self.promptNodes():
             if node.IsA("vtkMRMLMarkupsROINode"):
                 if node.GetNumberOfControlPoints():
                     box = mrml_bridge.roi_box(node)
-                    rois.append(Roi(box.center_ras, box.axes_ras, box.half_size, "ras"))
+                    rois.append((box.center_ras, box.axes_ras, box.half_size))
             else:
                 nodePoints, nodeLabels = mrml_bridge.markups_prompts(node)
                 points.append(nodePoints)
                 labels.append(nodeLabels)
         boxes = [box for (axis, _), box in self.boxes.items() if axis == self.axis]
-        return VolumePrompts(np.concatenate(points or [np.zeros((0, 3))]),
-                             np.concatenate(labels or [np.zeros(0, int)]), "ras", boxes, rois)
+        return prompts_to_json(np.concatenate(points or [np.zeros((0, 3))]),
+                               np.concatenate(labels or [np.zeros(0, int)]), "ras", boxes, rois)
 
     def viewSlice(self, viewWidget):
         """The volume slice a slice view shows, or None (with a message) when it is oblique."""
@@ -399,14 +424,12 @@ point deletes it. A points node selected below adds more positive points.</li>
             node.RemoveNthControlPoint(index)
 
     def addBox(self, viewWidget, xyStart, xyEnd):
-        from ultrasam.prompts3d import SliceBox
-
         view = self.viewSlice(viewWidget)
         if view is None:
             return
         self.followView(view)
         key = (view.axis, view.index)
-        self.boxes[key] = SliceBox(self.xyToRas(xyStart, viewWidget), self.xyToRas(xyEnd, viewWidget), "ras")
+        self.boxes[key] = (self.xyToRas(xyStart, viewWidget), self.xyToRas(xyEnd, viewWidget))  # two corners
         self.undoStack.append(lambda: self.boxes.pop(key, None))
         self.runTimer.start()
 
@@ -528,46 +551,51 @@ point deletes it. A points node selected below adds more positive points.</li>
 
     # ---- running --------------------------------------------------------------------------------
     def span(self):
-        from UltraSamSlicerLib.session import Span
-
+        """Where propagation may go: :class:`ultrasam.session.Span` fields, from the effect's parameters."""
         effect = self.scriptedEffect
         limited = effect.integerParameter("LimitSlices") != 0
-        return Span(effect.parameter("Direction"), effect.integerParameter("FirstSlice") if limited else None,
-                    effect.integerParameter("LastSlice") if limited else None)
+        return {"direction": effect.parameter("Direction"),
+                "first": effect.integerParameter("FirstSlice") if limited else None,
+                "last": effect.integerParameter("LastSlice") if limited else None}
 
     def runPrompts(self, propagate=None):
-        """Start (or queue, replacing a queued one) a run of the session on the current prompts."""
-        if self.session is None or self.worker is None:
+        """Start a run of the current prompts on the server (queued while one is going)."""
+        propagate = self.propagated if propagate is None else propagate
+        if self.session is None:
+            if self.volume is not None and self.engine is not None and not self.wantSession:
+                self.wantSession = True  # e.g. the first prompt after the server died: start it again
+                self.openSession()
             return
         if self.sessionFactory is None and model_settings.read() != self.sessionSettings:
             self.buildSession()  # another model was chosen meanwhile: load it, then run these prompts
             return
-        from ultrasam.propagation import StopRules
-
+        if self.session.running:
+            self.queuedRun = propagate or bool(self.queuedRun)
+            return
         try:
             prompts = self.collectPrompts()
         except mrml_bridge.BridgeError as error:
             self.setStatus(str(error))
             return
-        if prompts.is_empty():
+        if not (prompts["points"] or prompts["boxes"] or prompts["rois"]):
             self.discardPreview()
             return
-        propagate = self.propagated if propagate is None else propagate
-        session, axis, span = self.session, self.axis, self.span()
-        rules = StopRules(min_iou=self.scriptedEffect.doubleParameter("MinIoU"))
+        rules = {"min_iou": self.scriptedEffect.doubleParameter("MinIoU")}
+        self.call(lambda: self.session.start(prompts, propagate, self.axis, self.span(), rules,
+                                             0.0 if propagate else CLICK_WAIT_S))
 
-        def run(job):
-            session.set_rules(rules)
-            session.set_axis(axis)
-            return session.run(prompts, propagate, span, job.cancel.is_set,
-                               lambda done, total: setattr(job, "progress", (done, total)))
-
-        self.submit("propagate" if propagate else "preview", run)
+    def call(self, request):
+        """Make one short server call and act on the run state it returns; a lost server is reported."""
+        try:
+            self.onRunState(request())
+        except ServerGone:
+            lost = self.engine.lost() if self.engine is not None else "the UltraSam server does not answer"
+            self.session, self.queuedRun = None, None
+            self.setStatus(f"{lost}. The preview and the segment are unchanged; the next prompt starts the "
+                           "server again.")
+        except ServerError as error:
+            self.setStatus(str(error))
         self.updateButtons()
-
-    def submit(self, name, function, background=False):
-        """Run ``function(job)`` on the worker, tagged with the current session's generation."""
-        self.worker.request(Job(name, function, background=background, generation=self.generation))
 
     def onPropagate(self):
         if self.session is None:
@@ -576,70 +604,40 @@ point deletes it. A points node selected below adds more positive points.</li>
         self.runPrompts(propagate=True)
 
     def onCancel(self):
-        if self.worker is not None:
-            self.worker.cancel()
+        if self.session is not None and self.session.running:
+            self.call(lambda: self.session.cancel() or self.session.poll())
 
     def onPoll(self):
-        """Main thread: progress of the running job; results and errors of a finished one."""
-        if self.worker is None:
-            return
-        running = self.worker.running
-        if running is not None and running.name == "propagate":
-            done, total = running.progress
+        """Main thread, every POLL_MS: open the volume once the server is up; follow a running run."""
+        if self.wantSession:
+            self.openSession()
+        elif self.session is not None and self.session.running:
+            self.call(lambda: self.session.poll())
+
+    def onRunState(self, state):
+        if state.state == "running":
+            done, total = state.progress
             self.progressBar.maximum, self.progressBar.value = max(total, 1), done
-        finished = self.worker.poll()
-        if finished is None:
             return
-        job, result, error = finished
-        if job.generation != self.generation:
-            pass  # queued before the model or volume changed: nothing of it reaches this session
-        elif error is not None:
-            self.reportError(job, error)
-        elif job.name == "load":
-            self.session = result
-            description = shared_manager().description
-            self.setStatus(f"Ready: {description}." if description else "Ready.")
-            self.runPrompts()
-        elif job.name == "embed":
-            if result is not None:  # the axis whose slices are now all embedded
-                self.embeddedAxes.add(result)
-        else:
-            self.showResult(result)
-        self.embedInBackground()
-        self.updateButtons()
-
-    def embedInBackground(self):
-        """On a GPU, embed the remaining slices while the user is idle; any prompt interrupts it."""
-        cache = getattr(self.session, "cache", None)
-        if cache is None or cache.predictor.device.type != "cuda" or self.worker.busy or self.axis in self.embeddedAxes:
-            return
-        session, axis = self.session, self.axis
-
-        def embed(job):
-            session.set_axis(axis)
-            done = session.embed_all(job.cancel.is_set, lambda done, total: setattr(job, "progress", (done, total)))
-            return axis if done else None
-
-        self.submit("embed", embed, background=True)
-
-    def reportError(self, job, error):
-        from ultrasam.propagation import PropagationCancelled
-
-        if isinstance(error, PropagationCancelled):
+        if state.state == "done":
+            self.showResult(state)
+        elif state.state == "cancelled":
             self.setStatus("Cancelled: the previous result is kept.")
-        elif isinstance(error, USER_ERRORS + (mrml_bridge.BridgeError,)):
-            self.setStatus(str(error))
-        else:
-            logging.error(f"UltraSam {job.name} failed", exc_info=error)
-            self.setStatus(f"UltraSam {job.name} failed: {error} (details in the Python console)")
+        elif state.state == "failed":
+            self.setStatus(state.error)
+        if self.queuedRun is not None:
+            propagate, self.queuedRun = self.queuedRun, None
+            self.runPrompts(propagate)
 
-    def showResult(self, result):
-        """Show a session result in the preview segmentation (created on first use)."""
-        self.result = result
-        self.propagated = result.propagated
+    def showResult(self, state):
+        """Show the session's latest mask in the preview segmentation (created on first use), and
+        what the server's content checks ask the user to look at again (blank slices left empty,
+        a key slice below the IoU threshold, a mask on the background outside the fan)."""
+        self.result = self.session.mask
+        self.propagated = state.propagated
         previewNode = self.previewNode(create=True)
-        mrml_bridge.write_mask_to_segment(result.mask, self.volume, previewNode, PREVIEW_SEGMENT)
-        self.setStatus(result.summary())
+        mrml_bridge.write_mask_to_segment(self.result, self.volume, previewNode, PREVIEW_SEGMENT)
+        self.setStatus("\n".join([state.summary] + [f"Warning: {warning}" for warning in state.warnings]))
 
     def previewNode(self, create=False):
         node = self.scriptedEffect.nodeReference(PREVIEW_ROLE)
@@ -669,7 +667,7 @@ point deletes it. A points node selected below adds more positive points.</li>
         """Preview -> selected segment, as one undo step, honouring masking and overwrite settings."""
         if self.result is None or self.volume is None:
             return
-        if self.worker is not None and self.worker.busy:
+        if self.session is not None and self.session.running:
             self.setStatus("Wait for the running computation to finish, or cancel it, before applying.")
             return
         modes = slicer.qSlicerSegmentEditorAbstractEffect
@@ -677,7 +675,7 @@ point deletes it. A points node selected below adds more positive points.</li>
             APPLY_MODES.index(self.scriptedEffect.parameter("ApplyMode"))]
         modifier = self.scriptedEffect.defaultModifierLabelmap()
         segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
-        painted = mrml_bridge.paint_labelmap(modifier, self.result.mask,
+        painted = mrml_bridge.paint_labelmap(modifier, self.result,
                                              mrml_bridge.ijk_to_node_frame(self.volume, segmentationNode))
         if painted is None:
             self.setStatus("The preview is empty: nothing to apply.")
@@ -690,12 +688,12 @@ point deletes it. A points node selected below adds more positive points.</li>
     def updateButtons(self):
         if not hasattr(self, "applyButton"):
             return  # options frame not built yet
-        busy = self.worker is not None and self.worker.busy
+        busy = self.session is not None and self.session.running
         self.applyButton.enabled = self.result is not None and not busy
         self.discardButton.enabled = self.result is not None
         self.propagateButton.enabled = self.session is not None and not busy
         self.cancelButton.enabled = busy
-        self.progressBar.visible = busy and self.worker.running.name == "propagate"
+        self.progressBar.visible = busy and self.session.last.progress[1] > 1
 
     def setStatus(self, text):
         if hasattr(self, "statusLabel"):

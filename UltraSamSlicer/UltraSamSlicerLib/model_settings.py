@@ -25,6 +25,8 @@ def read() -> ModelSettings:
         precision=value(PREFIX + "Precision", "auto"),
         cache_gib=value(PREFIX + "CacheGiB", 2.0, converter=float),
         cache_dir=weights_folder(),
+        server_url=value(PREFIX + "ServerURL", ""),
+        server_token=value(PREFIX + "ServerToken", ""),
     )
 
 
@@ -35,6 +37,8 @@ def save(settings: ModelSettings) -> None:
     store.setValue(PREFIX + "Device", settings.device)
     store.setValue(PREFIX + "Precision", settings.precision)
     store.setValue(PREFIX + "CacheGiB", settings.cache_gib)
+    store.setValue(PREFIX + "ServerURL", settings.server_url)
+    store.setValue(PREFIX + "ServerToken", settings.server_token)
 
 
 def weights_folder() -> str:

@@ -112,7 +112,7 @@ def volume_from_node(volume_node: slicer.vtkMRMLVolumeNode) -> Volume:
     """A scalar or RGB volume node -> :class:`Volume` (voxels copied, geometry ijk -> world RAS).
 
     Voxels are (K, J, I), or (K, J, I, 3) for a vector (RGB) volume. The copy keeps the volume
-    safe to read from a worker thread while the scene changes.
+    as it was read while the scene changes.
     """
     if volume_node is None or volume_node.GetImageData() is None:
         raise BridgeError("the volume node has no image data: load a volume and select it as source")

@@ -107,17 +107,7 @@ def volume_report(slices: VolumeSlices, result: PropagationResult) -> dict:
     ``area_mm2`` and ``status``: "key", "propagated", or the stop rule that rejected the slice.
     """
     pixel_mm2 = float(np.prod(slices.pixel_spacing))
-    rows = [
-        {
-            "index": r.index,
-            "key": r.key,
-            "iou": round(r.iou, 4),
-            "area_px": r.area,
-            "area_mm2": round(r.area * pixel_mm2, 3),
-            "status": r.stop or ("key" if r.index == r.key else "propagated"),
-        }
-        for r in result.slices.values()
-    ]
+    rows = slice_rows(result.slices.values(), pixel_mm2)
     walks = [
         {"key": w.key, "direction": w.direction, "slices": len(w.steps), "last": w.steps[-1].index if w.steps else w.key,
          "end": w.end}
@@ -136,6 +126,21 @@ def volume_report(slices: VolumeSlices, result: PropagationResult) -> dict:
         "slices": rows,
         "walks": walks,
     }
+
+
+def slice_rows(results, pixel_mm2: float) -> list[dict]:
+    """One report row per :class:`~ultrasam.propagation.SliceResult` (see :func:`volume_report`)."""
+    return [
+        {
+            "index": r.index,
+            "key": r.key,
+            "iou": round(r.iou, 4),
+            "area_px": r.area,
+            "area_mm2": round(r.area * pixel_mm2, 3),
+            "status": r.stop or ("key" if r.index == r.key else "propagated"),
+        }
+        for r in results
+    ]
 
 
 @dataclass
@@ -201,18 +206,21 @@ def _job(folder: Path, volume: str, prompts: VolumePrompts, axis, output) -> Job
 
 def run_batch(
     prompts_file: str | os.PathLike,
-    predictor: Predictor,
+    predictor: Predictor | None,
     output_dir: str | os.PathLike,
     axis: int | str = 0,
     propagate: bool = True,
     rules: StopRules = StopRules(),
     window: Window | None = None,
     progress: bool = True,
+    segment: Callable[[Volume, VolumePrompts, int | str], tuple[np.ndarray, dict]] | None = None,
 ) -> list[dict]:
     """Segment every volume of ``prompts_file``; write masks, reports and a summary.
 
     Each volume gets its mask (input geometry) and ``<mask name>.report.json``; a volume that fails
     is recorded with its error and the others go on. ``summary.csv`` in ``output_dir`` lists all.
+    ``segment(volume, prompts, axis) -> (mask, report)`` replaces :func:`segment_volume` with
+    ``predictor`` (e.g. :func:`ultrasam.client.segment_on_server`; ``predictor`` is then None).
 
     Returns:
         One summary row per volume: volume, output, status ("ok" or "failed"), error, key and
@@ -225,24 +233,28 @@ def run_batch(
     if clashes:
         raise ValueError(f"several volumes would write {clashes}; give each an 'output' in the prompts file")
     check_writable(output_dir / "summary.csv")
-    cache = VolumeEmbeddingCache(predictor)
+    if segment is None:
+        cache = VolumeEmbeddingCache(predictor)
+
+        def segment(volume, prompts, job_axis):
+            cache.clear()  # volumes do not share slices; keep memory for the next one
+            return segment_volume(volume, predictor, prompts, job_axis, propagate, window, rules, cache)
+
     summary = []
     for job, output in tqdm(list(zip(jobs, outputs)), desc="volumes", unit="vol", disable=not progress):
-        summary.append(_run_job(job, output, predictor, cache, axis, propagate, rules, window))
-        cache.clear()  # volumes do not share slices; keep memory for the next one
+        summary.append(_run_job(job, output, segment, axis))
     write_text_atomic(output_dir / "summary.csv", _as_csv(summary))
     return summary
 
 
-def _run_job(job: Job, output: Path, predictor: Predictor, cache: VolumeEmbeddingCache,
-             axis: int | str, propagate: bool, rules: StopRules, window: Window | None) -> dict:
+def _run_job(job: Job, output: Path, segment: Callable, axis: int | str) -> dict:
     start = time.perf_counter()
     row = {"volume": str(job.volume), "output": str(output), "status": "ok", "error": ""}
     try:
         volume = read_volume(job.volume)
         check_mask_path(output, volume.shape_kji[0])
         job_axis = axis if job.axis is None else job.axis
-        mask, report = segment_volume(volume, predictor, job.prompts, job_axis, propagate, window, rules, cache)
+        mask, report = segment(volume, job.prompts, job_axis)
         write_mask(mask, volume.geometry, output)
         write_text_atomic(output.with_name(output.name + ".report.json"), json.dumps(report, indent=1))
         ious = [r["iou"] for r in report["slices"] if r["status"] in ("key", "propagated")]

@@ -34,6 +34,9 @@ examples:
   # many volumes from one prompts file (JSON or CSV), see `ultrasam batch --help`:
   ultrasam batch prompts.json -c UltraSam.pth --output-dir masks/
 
+  # the same on a shared GPU server (`ultrasam serve`), its token in $ULTRASAM_TOKEN:
+  ultrasam batch prompts.json --server http://gpu-box:8765 --output-dir masks/
+
   # Dice/IoU of a model with box and centroid-click prompts, beside the ellipse-in-box baseline:
   ultrasam evaluate busbra/ hc18/ -c UltraSam.pth -o eval/
 
@@ -96,8 +99,15 @@ def build_parser(registered: Mapping[str, metadata.EntryPoint] | None = None) ->
     _add_info(commands)
     _add_download(commands)
     _add_demo(commands)
+    _add_serve(commands)
     add_evaluate_parser(commands)
     return parser
+
+
+def _add_server_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", metavar="URL", help="segment on a running `ultrasam serve` (http://host:port) "
+                        "with the model it was started with; its token from $ULTRASAM_TOKEN or --token-file")
+    parser.add_argument("--token-file", help="file holding the server's token")
 
 
 def _add_volume_options(parser: argparse.ArgumentParser) -> None:
@@ -148,6 +158,7 @@ def _add_segment(commands) -> None:
                         help="propagate only within slices FIRST..LAST (inclusive)")
     add_model_options(parser)
     _add_volume_options(parser)
+    _add_server_option(parser)
     parser.set_defaults(run=_run_segment)
 
 
@@ -160,6 +171,7 @@ def _add_batch(commands) -> None:
     parser.add_argument("--output-dir", required=True, help="folder for masks, report.json and summary.csv")
     add_model_options(parser)
     _add_volume_options(parser)
+    _add_server_option(parser)
     parser.set_defaults(run=_run_batch)
 
 
@@ -185,6 +197,54 @@ def _add_demo(commands) -> None:
     parser.set_defaults(run=_run_demo)
 
 
+def _add_serve(commands) -> None:
+    parser = commands.add_parser(
+        "serve", help="run the engine as an HTTP service (Slicer, `--server` clients)",
+        description="Hold the model and serve segmentation sessions over HTTP (operations: ultrasam/server.py). "
+                    "Listens on 127.0.0.1 unless --host says otherwise; any other address needs a token.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only; "
+                        "any other address needs a token)")
+    parser.add_argument("--port", type=int, default=8765, help="TCP port (default 8765)")
+    parser.add_argument("--token-file", help="file holding the token clients must send (default: the "
+                        "ULTRASAM_TOKEN environment variable)")
+    parser.add_argument("--new-token", action="store_true", help="make a random token and print it, to paste "
+                        "into the UltraSam module or pass as --token to clients")
+    parser.add_argument("--cache-gib", type=float, default=2.0, help="slice embeddings kept on the device "
+                        "(twice as much more in CPU memory; default 2)")
+    parser.add_argument("--session-memory-gib", type=float, default=8.0,
+                        help="voxel memory of all open volumes; least recently used idle ones close beyond it")
+    parser.add_argument("--idle-minutes", type=float, default=30.0, help="close volumes unused this long")
+    parser.add_argument("--max-upload-mib", type=float, default=1024.0, help="largest volume a client may send")
+    parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)  # child of Slicer
+    add_model_options(parser)
+    parser.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import os
+    import secrets
+
+    from ultrasam.server import Engine, Limits, check_binding, serve
+    from ultrasam.volume_embeddings import GIB, VolumeEmbeddingCache
+
+    token = os.environ.get("ULTRASAM_TOKEN") or None
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as file:
+            token = file.read().strip() or None
+    if args.new_token:
+        token = secrets.token_urlsafe(24)
+        print(f"token: {token}", flush=True)
+    check_binding(args.host, token)  # before the model loads: a refusal costs nothing
+    predictor, description = predictor_from_args(args)
+    budget = int(args.cache_gib * GIB)
+    limits = Limits(upload_bytes=int(args.max_upload_mib * 2**20), session_bytes=int(args.session_memory_gib * GIB),
+                    idle_seconds=args.idle_minutes * 60)
+    engine = Engine(VolumeEmbeddingCache(predictor, budget, 2 * budget), description, limits)
+    print(f"ultrasam serve: http://{args.host}:{args.port} ({description})", file=sys.stderr, flush=True)
+    serve(engine, args.host, args.port, token, watch_stdin=args.exit_with_stdin)
+    return 0
+
+
 def _run_segment(args: argparse.Namespace) -> int:
     from ultrasam.atomic import atomic_group, check_writable, write_text_atomic
     from ultrasam.batch import segment_volume
@@ -195,13 +255,17 @@ def _run_segment(args: argparse.Namespace) -> int:
     if args.report:
         check_writable(args.report)
     prompts = _volume_prompts(args, volume.shape_kji[0] == 1)
-    predictor, description = predictor_from_args(args)
-    print(f"model: {description}", file=sys.stderr)
     axis = 0 if volume.shape_kji[0] == 1 else args.axis
-    with _progress(volume.shape_kji, axis, args.propagate) as on_slice:
-        mask, report = segment_volume(volume, predictor, prompts, axis=axis, propagate=args.propagate,
-                                      window=_window(args), rules=_stop_rules(args), on_slice=on_slice,
-                                      span=tuple(args.span) if args.span else None)
+    span = tuple(args.span) if args.span else None
+    if args.server:
+        segment = _server_segmenter(args, {"first": span[0], "last": span[1]} if span else None)
+        mask, report = segment(volume, prompts, axis)
+    else:
+        predictor, description = predictor_from_args(args)
+        print(f"model: {description}", file=sys.stderr)
+        with _progress(volume.shape_kji, axis, args.propagate) as on_slice:
+            mask, report = segment_volume(volume, predictor, prompts, axis=axis, propagate=args.propagate,
+                                          window=_window(args), rules=_stop_rules(args), on_slice=on_slice, span=span)
     _print_warnings(report)
     with atomic_group() as group:  # the mask and its report replace the old ones together, or neither
         write_mask(mask, volume.geometry, args.output, group=group)
@@ -214,10 +278,12 @@ def _run_segment(args: argparse.Namespace) -> int:
 def _run_batch(args: argparse.Namespace) -> int:
     from ultrasam.batch import run_batch
 
-    predictor, description = predictor_from_args(args)
-    print(f"model: {description}", file=sys.stderr)
+    predictor, segment = None, _server_segmenter(args) if args.server else None
+    if segment is None:
+        predictor, description = predictor_from_args(args)
+        print(f"model: {description}", file=sys.stderr)
     rows = run_batch(args.prompts, predictor, args.output_dir, axis=args.axis, propagate=args.propagate,
-                     rules=_stop_rules(args), window=_window(args))
+                     rules=_stop_rules(args), window=_window(args), segment=segment)
     failed = [row for row in rows if row.get("error")]
     print(f"{len(rows) - len(failed)} of {len(rows)} volumes segmented; summary in {args.output_dir}/summary.csv")
     return 1 if failed else 0
@@ -247,9 +313,30 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     args.input, args.time_frame, args.report = str(SAMPLE_VOLUME), None, None
     args.point, args.negative, args.box, args.roi = [list(SAMPLE_POINT_RAS)], [], [], []
-    args.frame, args.propagate, args.span = "ras", True, None
+    args.frame, args.propagate, args.span, args.server = "ras", True, None, None
     print(f"demo: {SAMPLE_VOLUME.name} (RESECT case 3, CC BY 4.0), one click at RAS {SAMPLE_POINT_RAS}")
     return _run_segment(args)
+
+
+def _server_segmenter(args: argparse.Namespace, span: dict | None = None):
+    """segment(volume, prompts, axis) -> (mask, report) on the server named by --server."""
+    import dataclasses
+
+    from ultrasam.client import Client, segment_on_server
+    from ultrasam.slicing import axis_index
+
+    if args.window or args.checkpoint:
+        raise ValueError("--window and --checkpoint do not apply with --server: the server chooses the window and "
+                         "runs the model it was started with")
+    token = None
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as file:
+            token = file.read().strip()
+    client = Client(args.server, token)
+    print(f"model: {client.check_version()['model']} at {client.url}", file=sys.stderr)
+    rules = dataclasses.asdict(_stop_rules(args))
+    return lambda volume, prompts, axis: segment_on_server(client, volume, prompts, axis_index(axis), args.propagate,
+                                                           rules, span)
 
 
 def _print_warnings(report: dict) -> None:

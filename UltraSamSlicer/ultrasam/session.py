@@ -1,8 +1,8 @@
-"""One object being segmented in one volume: the effect's state, free of Qt and MRML.
+"""One object being segmented in one volume: an interactive editor's state, free of Qt and MRML.
 
-The Segment Editor effect translates clicks and markups into :class:`VolumePrompts` in world RAS
-and calls :meth:`SegmentationSession.run` on the worker thread; everything between prompts and a
-(K, J, I) mask is the core's (:mod:`ultrasam.slicing`, :mod:`ultrasam.prompts3d`,
+``ultrasam serve`` holds one per opened volume (:mod:`ultrasam.server`): the Segment Editor effect
+sends prompts in world RAS and the server calls :meth:`SegmentationSession.run`; everything between
+prompts and a (K, J, I) mask is the core's (:mod:`ultrasam.slicing`, :mod:`ultrasam.prompts3d`,
 :mod:`ultrasam.propagation`). The session adds what an interactive editor needs on top:
 
 - the slicing axis follows the view the user prompts in (points stay valid: they are 3D);
@@ -10,7 +10,9 @@ and calls :meth:`SegmentationSession.run` on the worker thread; everything betwe
   prompts re-run propagation incrementally (only the walks a changed key slice affects);
 - propagation can be limited to one direction or a slice range (the core's span: nothing outside
   it is computed, and changing it reuses what is still valid);
-- one intensity window for the whole volume.
+- one intensity window for the whole volume;
+- the content checks of :mod:`ultrasam.content_checks`, as ``ultrasam segment`` has them: a blank
+  or non-finite volume is refused, blank slices stay empty, and each result carries warnings.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ultrasam.batch import slice_rows
+from ultrasam.content_checks import (SkipBlankSlices, blank_slices, check_volume_content,
+                                     refuse_blank_key_slices, result_warnings)
 from ultrasam.geometry import Volume
 from ultrasam.intensity import choose_window
 from ultrasam.prompts3d import VolumePrompts, slice_prompts
@@ -72,12 +77,14 @@ class SessionResult:
         axis: numpy axis the slices were taken along.
         slices: per-slice reports (slice indices in the full volume).
         propagated: whether walks ran (False: key slices only).
+        warnings: what the user should look at again (:func:`ultrasam.content_checks.result_warnings`).
     """
 
     mask: np.ndarray
     axis: int
     slices: list[SliceResult] = field(default_factory=list)
     propagated: bool = False
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line for the status bar: slices segmented and why walks stopped."""
@@ -99,6 +106,9 @@ class SegmentationSession:
         slice_predictor: builds the per-slice predictor for the volume's slices along an axis (tests
             pass a fake); defaults to :class:`VolumeSlicePredictor` over ``cache``.
         lookahead: slices embedded per batch while propagating.
+
+    Raises:
+        ValueError: a blank or non-finite volume (nothing to segment).
     """
 
     def __init__(
@@ -110,8 +120,10 @@ class SegmentationSession:
         lookahead: int = 4,
     ) -> None:
         self.volume, self.rules, self.lookahead = volume, rules, lookahead
+        self.volume_warnings = check_volume_content(volume)
         self.window = choose_window(volume.voxels)
         self._slices: VolumeSlices | None = None
+        self._blank: set[int] = set()  # blank slices along the current axis
         self.axis = 0
         self.cache = cache
         self._make_predictor = slice_predictor or (lambda slices: VolumeSlicePredictor(slices, cache))
@@ -149,6 +161,7 @@ class SegmentationSession:
         """The volume as 8-bit slices along the current axis, with its one window (built once)."""
         if self._slices is None:
             self._slices = VolumeSlices(self.volume, self.axis, self.window)
+            self._blank = blank_slices(self._slices)
         return self._slices
 
     def run(
@@ -162,7 +175,8 @@ class SegmentationSession:
         """Segment from ``prompts`` (world RAS); key slices only, or propagated within ``span``.
 
         Raises:
-            ValueError: a prompt lies outside the volume or the span (message says which).
+            ValueError: a prompt lies outside the volume or the span, or on a blank slice (message
+                says which).
             ultrasam.propagation.PropagationCancelled: ``should_cancel`` said so; the previous
                 result is kept for the next run.
         """
@@ -172,10 +186,11 @@ class SegmentationSession:
         keys = slice_prompts(slices, prompts)
         if not keys:
             raise ValueError(f"the ROI crosses no slice of the volume along {'kji'[self.axis]}: move or resize it")
+        refuse_blank_key_slices(keys, self._blank, self.volume.name or "the volume")
         span_range = span.bounds(sorted(keys), slices.num_slices) if propagate else None
         if self._propagator is None:
-            self._propagator = Propagator(self._make_predictor(slices), slices.num_slices, self.rules,
-                                          lookahead=self.lookahead)
+            predictor = SkipBlankSlices(self._make_predictor(slices), slices, self._blank)
+            self._propagator = Propagator(predictor, slices.num_slices, self.rules, lookahead=self.lookahead)
         self._propagator.propagate = propagate
         first, last = span_range or (0, slices.num_slices - 1)
         done, total = [0], (last - first + 1 if propagate else len(keys))
@@ -185,4 +200,8 @@ class SegmentationSession:
             on_progress(min(done[0], total), total)
 
         result = self._propagator.run(keys, should_cancel, on_slice, span_range)
-        return SessionResult(slices.to_volume(result.masks()), self.axis, list(result.slices.values()), propagate)
+        rows = slice_rows(result.slices.values(), float(np.prod(slices.pixel_spacing)))
+        warnings = self.volume_warnings + result_warnings(slices, rows, result.masks(), self.rules.min_iou,
+                                                          self._blank)
+        return SessionResult(slices.to_volume(result.masks()), self.axis, list(result.slices.values()), propagate,
+                             warnings)
