@@ -29,6 +29,9 @@ def test_tiny_benchmark_on_real_slices(tmp_path):
         assert ratio == pytest.approx(reference[key] / engine[key])
     assert engine["propagated_slices"] == reference["propagated_slices"] == 2  # both walks reached both slices
     assert engine["click_ms_min"] <= engine["click_ms"]
+    # Both slices embedded in one turn of batch 2 per path; the figure is that turn's seconds per slice.
+    for path in (reference, engine):
+        assert path["embed_ms_per_slice_turns"] == [path["embed_ms_per_slice"]]
     assert figures["engine_setup"]["attention_blocks"] == 4
     # Same weights, same box, same one-pass semantics: the engine's masks are the reference's.
     assert figures["mask_iou"]["min"] >= 0.98
@@ -39,3 +42,15 @@ def test_refuses_a_missing_volume(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench_inference.main(["--device", "cpu", "--volume", str(tmp_path / "none.nii.gz")])
     assert "no volume at" in capsys.readouterr().err
+
+
+def test_paths_take_turns_and_alternate_who_goes_first():
+    order = []
+
+    def run(name):
+        return lambda turn: order.append((name, turn)) or float(turn)
+
+    seconds = bench_inference.in_turns({"reference": run("reference"), "engine": run("engine")}, 3)
+
+    assert order == [("reference", 0), ("engine", 0), ("engine", 1), ("reference", 1), ("reference", 2), ("engine", 2)]
+    assert seconds == {"reference": [0.0, 1.0, 2.0], "engine": [0.0, 1.0, 2.0]}

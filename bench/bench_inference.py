@@ -11,7 +11,8 @@ One process, one real volume (default ``../shared/data/resect3d/Case3.nii.gz``, 
   whatever acceleration the library applies (the ``engine_setup`` entry of the JSON says which).
 
 Figures: per-slice embedding time of the whole volume; click-to-mask latency on a cached slice
-(mask upsampled to the slice size, on the host); one object propagated through every slice
+(mask upsampled to the slice size, on the host); both taken with the two paths in turns, so that
+they see the same load of a shared machine; one object propagated through every slice
 including embedding; cold start (weights on disk -> first mask, CUDA already initialised;
 import and CUDA-init times are reported apart); peak GPU memory; mask IoU engine vs reference on
 every slice for the same box. ``--variants`` adds the image encoder alone in each precision and
@@ -39,6 +40,7 @@ import os  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -106,23 +108,17 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ---- reference ---------------------------------------------------------------------------
-def reference_run(model, slices: VolumeSlices, clock: Clock) -> tuple[dict, list[np.ndarray], SamPredictor]:
-    """SamPredictor fp32, slice by slice. Returns the figures, its box mask on every slice, itself."""
+def reference_run(model, slices: VolumeSlices, clock: Clock) -> tuple[dict, SamPredictor]:
+    """SamPredictor fp32, slice by slice: its propagation. Returns the figures and itself (warm)."""
     predictor, device = SamPredictor(model), clock.device
     box = centre_box(*slices.image_shape)
     reset_peak(device)
-    embed_s, masks = [], []
-    for index in range(slices.num_slices):
-        _, seconds = clock(predictor.set_image, np.repeat(slices.image(index)[..., None], 3, axis=2))
-        embed_s.append(seconds)
-        masks.append(predictor.predict(box=box, multimask_output=False)[0][0])
     propagated, propagate_s = clock(reference_propagate, predictor, slices, box)
     return {
-        "embed_ms_per_slice": 1e3 * statistics.mean(embed_s[1:] or embed_s),  # first: warm-up
         "propagate_s": propagate_s,
         "propagated_slices": propagated,
         "peak_gib": peak_gib(device),
-    }, masks, predictor
+    }, predictor
 
 
 def reference_propagate(predictor: SamPredictor, slices: VolumeSlices, box: np.ndarray) -> int:
@@ -143,11 +139,9 @@ def reference_propagate(predictor: SamPredictor, slices: VolumeSlices, box: np.n
 
 # ---- engine ------------------------------------------------------------------------------
 def engine_run(model, slices: VolumeSlices, clicks: int, batch: int, clock: Clock, precision: str = "auto",
-               compile_decoder: bool = False) -> tuple[dict, list[np.ndarray], Predictor, ImageEmbedding]:
-    """ultrasam's Predictor + VolumeEmbeddingCache + Propagator, as the effect and CLI use them.
-
-    Returns the figures, the box mask on every slice, the predictor and the middle slice's embedding.
-    """
+               compile_decoder: bool = False) -> tuple[dict, Predictor]:
+    """ultrasam's Predictor + VolumeEmbeddingCache + Propagator, as the effect and CLI use them:
+    the refine click and the propagation. Returns the figures and the "sam" mode predictor (warm)."""
     device = clock.device
     # Compilation happens off the clicks' path; the timed clicks are warm ones. One at a time:
     # torch.compile of one module from two threads at once is not supported.
@@ -158,42 +152,72 @@ def engine_run(model, slices: VolumeSlices, clicks: int, batch: int, clock: Cloc
         engines[-1].wait_until_compiled()
     predictor, refine = engines
     box = centre_box(*slices.image_shape)
-    everything = range(slices.num_slices)
     reset_peak(device)
-    warm = VolumeEmbeddingCache(predictor)
-    clock(warm.get, slices, [0])  # first call: allocator and kernel selection, not the volume
-    predictor.clear_cache()
-    cache = VolumeEmbeddingCache(predictor)
-    embeddings, embed_s = clock(cache.get, slices, everything)
-    masks = [predictor.predict(e, Prompt2D(box_xyxy=box)).mask for e in embeddings]
     point = Prompt2D(points_xy=[(box[:2] + box[2:]) / 2], labels=[1])
     cached_refine = refine.set_image(slices.image(slices.num_slices // 2))
     refine_s = [clock(refine.predict, cached_refine, point)[1] for _ in range(clicks)]
     predictor.clear_cache()
     propagated, propagate_s = clock(engine_propagate, predictor, slices, box, batch)
     return {
-        "embed_ms_per_slice": 1e3 * embed_s / slices.num_slices,
         "click_refine_ms": 1e3 * statistics.median(refine_s),
         "propagate_s": propagate_s,
         "propagated_slices": propagated,
         "peak_gib": peak_gib(device),
-    }, masks, predictor, embeddings[slices.num_slices // 2]
+    }, predictor
+
+
+def in_turns(runs: dict[str, Callable[[int], float]], turns: int) -> dict[str, list[float]]:
+    """Each run's seconds (it times itself) for turns 0 .. turns-1, the runs taking turns and who goes
+    first alternating, so that all see the same load of a shared machine."""
+    names = list(runs)
+    seconds = {name: [] for name in names}
+    for turn in range(turns):
+        for name in names if turn % 2 == 0 else names[::-1]:
+            seconds[name].append(runs[name](turn))
+    return seconds
+
+
+def side_by_side_embedding(reference: SamPredictor, engine: Predictor, slices: VolumeSlices, batch: int,
+                           clock: Clock) -> tuple[dict[str, list[float]], dict[str, list[np.ndarray]], list]:
+    """Every slice embedded by both (warm) paths, one engine batch per turn: the reference ``set_image``s
+    the batch's slices one by one, the engine embeds the same slices in one ``VolumeEmbeddingCache.get``.
+
+    Returns each path's seconds per slice for every turn, its box mask (H, W) on every slice (decoded
+    outside the timing) and the engine's embeddings.
+    """
+    box = centre_box(*slices.image_shape)
+    batches = [range(start, min(start + batch, slices.num_slices)) for start in range(0, slices.num_slices, batch)]
+    masks = {"reference": [], "engine": []}
+    embeddings = []
+    engine.clear_cache()
+    cache = VolumeEmbeddingCache(engine)
+
+    def reference_turn(turn: int) -> float:
+        seconds = 0.0
+        for index in batches[turn]:
+            seconds += clock(reference.set_image, np.repeat(slices.image(index)[..., None], 3, axis=2))[1]
+            masks["reference"].append(reference.predict(box=box, multimask_output=False)[0][0])
+        return seconds / len(batches[turn])
+
+    def engine_turn(turn: int) -> float:
+        computed, seconds = clock(cache.get, slices, batches[turn])
+        embeddings.extend(computed)
+        masks["engine"].extend(engine.predict(e, Prompt2D(box_xyxy=box)).mask for e in computed)
+        return seconds / len(batches[turn])
+
+    return in_turns({"reference": reference_turn, "engine": engine_turn}, len(batches)), masks, embeddings
 
 
 def side_by_side_clicks(reference: SamPredictor, engine: Predictor, embedding: ImageEmbedding, image: np.ndarray,
                         clicks: int, clock: Clock) -> dict[str, list[float]]:
-    """Seconds of ``clicks`` single-point clicks of each path on the same slice, taken in turns (and
-    who goes first alternating), so that both see the same load of a shared machine."""
+    """Seconds of ``clicks`` single-point clicks of each path on the same slice, taken in turns."""
     reference.set_image(np.repeat(image[..., None], 3, axis=2))
     box = centre_box(*image.shape)
     centre = (box[:2] + box[2:]) / 2
-    runs = {"reference": lambda: reference.predict(point_coords=centre[None], point_labels=np.array([1])),
-            "engine": lambda: engine.predict(embedding, Prompt2D(points_xy=[centre], labels=[1]))}
-    seconds = {name: [] for name in runs}
-    for turn in range(clicks):
-        for name in (("reference", "engine") if turn % 2 == 0 else ("engine", "reference")):
-            seconds[name].append(clock(runs[name])[1])
-    return seconds
+    point = Prompt2D(points_xy=[centre], labels=[1])
+    return in_turns({
+        "reference": lambda _: clock(reference.predict, point_coords=centre[None], point_labels=np.array([1]))[1],
+        "engine": lambda _: clock(engine.predict, embedding, point)[1]}, clicks)
 
 
 def engine_propagate(predictor: Predictor, slices: VolumeSlices, box: np.ndarray, batch: int) -> int:
@@ -293,16 +317,21 @@ def benchmark(args: argparse.Namespace) -> dict:
         cold = {"engine": cold_start(path, slices, device, clock, engine=True, precision=precision),
                 "reference": cold_start(path, slices, device, clock, engine=False)}
 
-    reference, reference_masks, reference_predictor = reference_run(copy.deepcopy(base).to(device), slices, clock)
+    # Each path propagates first (which also warms its embedding), then both embed and click in turns.
+    reference, reference_predictor = reference_run(copy.deepcopy(base).to(device), slices, clock)
     engine_model = copy.deepcopy(base)
-    engine, engine_masks, engine_predictor, middle = engine_run(engine_model, slices, args.clicks, args.batch,
-                                                                clock, precision, args.compile_decoder)
-    clicks = side_by_side_clicks(reference_predictor, engine_predictor, middle,
+    engine, engine_predictor = engine_run(engine_model, slices, args.clicks, args.batch, clock, precision,
+                                          args.compile_decoder)
+    embed_s, masks, embeddings = side_by_side_embedding(reference_predictor, engine_predictor, slices, args.batch,
+                                                        clock)
+    clicks = side_by_side_clicks(reference_predictor, engine_predictor, embeddings[slices.num_slices // 2],
                                  slices.image(slices.num_slices // 2), args.clicks, clock)
     for name, figures in (("reference", reference), ("engine", engine)):
+        figures["embed_ms_per_slice"] = 1e3 * statistics.median(embed_s[name])
+        figures["embed_ms_per_slice_turns"] = [1e3 * seconds for seconds in embed_s[name]]
         figures["click_ms"], figures["click_ms_min"] = 1e3 * statistics.median(clicks[name]), 1e3 * min(clicks[name])
     reference["cold_start_s"], engine["cold_start_s"] = cold["reference"], cold["engine"]
-    ious = [iou(a, b) for a, b in zip(engine_masks, reference_masks)]
+    ious = [iou(a, b) for a, b in zip(masks["engine"], masks["reference"])]
     figures = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "cpu_flags": cpu_description()[1],
@@ -326,7 +355,7 @@ def benchmark(args: argparse.Namespace) -> dict:
                     for key in ("embed_ms_per_slice", "click_ms", "propagate_s", "cold_start_s")},
         "mask_iou": {"min": min(ious), "mean": statistics.mean(ious),
                      "share_at_least_0.98": sum(v >= 0.98 for v in ious) / len(ious),
-                     "mean_mask_area": float(np.mean([m.mean() for m in reference_masks]))},
+                     "mean_mask_area": float(np.mean([m.mean() for m in masks["reference"]]))},
     }
     figures["engine"]["propagate_300_s"] = engine["propagate_s"] * 300 / max(engine["propagated_slices"], 1)
     if args.variants:
