@@ -333,3 +333,92 @@ def test_the_slicer_side_and_the_client_import_no_model_code():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_a_volume_sent_in_chunks_opens_the_same_session_as_one_upload(server):
+    from ultrasam.client import RemoteSession, VolumeUpload
+
+    client = server.client
+    voxels = (tube_volume(12, offset=5).astype(np.int16) * 3 - 100)  # 2-byte voxels: chunks split slices
+    one_shot = client.request("POST", "/sessions", encode_volume(voxels, *identity_geometry()))
+    whole = RemoteSession(client, one_shot["session"], voxels.shape)
+    upload = VolumeUpload(client, voxels, *identity_geometry(), chunk_bytes=10_000)
+    sent, progress = [], []
+    original_request = client.request
+
+    def recording(method, path, body=None, timeout=None):
+        if path.startswith(f"/uploads/{upload.id}"):
+            sent.append(json.loads(body[8:8 + int.from_bytes(body[4:8], "little")]))
+        return original_request(method, path, body, timeout)
+
+    client.request = recording
+    try:
+        while upload.step() is None:
+            progress.append(upload.progress)
+    finally:
+        client.request = original_request
+    assert all(chunk["count"] <= 5_000 for chunk in sent)  # each step sends at most chunk_bytes of voxels
+    assert [chunk["offset"] for chunk in sent] == list(range(0, voxels.size, 5_000))
+    assert progress == sorted(progress) and progress[0] == 0.0 and len(sent) == len(progress) == 10  # + header
+    for session in (whole, upload.session):
+        session.start(centre_click(voxels), propagate=True, rules=NEVER_STOP)
+        assert finish(session).state == "done"
+    assert whole.mask.any()
+    np.testing.assert_array_equal(upload.session.mask, whole.mask)
+
+
+def test_bad_chunks_get_a_4xx_that_says_what_to_do_and_the_server_keeps_serving(server):
+    from ultrasam.client import VolumeUpload
+    from ultrasam.wire import encode_chunk
+
+    client = server.client
+    voxels = tube_volume(4)
+    flat = voxels.reshape(-1)
+    header = {"shape": list(voxels.shape), "dtype": "uint8"}
+    begun = client.request("POST", "/uploads", header)
+    path, total = f"/uploads/{begun['upload']}", begun["total"]
+    assert total == voxels.size
+    client.request("POST", path, encode_chunk(flat, 0, 1000))
+    cases = {
+        "2-D header": ("/uploads", {"shape": [4, 4], "dtype": "uint8"}, 400, "(K, J, I)"),
+        "too large": ("/uploads", {"shape": [64, 1024, 1024], "dtype": "uint8"}, 400, "--max-upload-mib"),
+        "duplicate": (path, encode_chunk(flat, 0, 1000), 409, "received already: send the chunk at voxel 1000"),
+        "out of order": (path, encode_chunk(flat, 2000, 1000), 409, "ahead of the next one: send the chunk at "
+                                                                    "voxel 1000"),
+        "wrong dtype": (path, encode_chunk(flat.astype(np.int16), 1000, 1000), 400, "uint8 voxels"),
+        "past the end": (path, encode_chunk(np.zeros(total + 5, np.uint8), 1000, total), 400, "past the volume's"),
+        "garbage": (path, b"\x00garbage" * 10, 400, "not a volume body"),
+        "unknown upload": ("/uploads/nope", encode_chunk(flat, 0, 10), 404, "begin the upload again"),
+    }
+    for name, (where, body, status, words) in cases.items():
+        with pytest.raises(ServerError) as error:
+            client.request("POST", where, body)
+        assert error.value.status == status and words in str(error.value), name
+    client.request("POST", path, encode_chunk(flat, 1000, total))  # the rest, after all that
+    with pytest.raises(ServerError) as error:  # it became a session: the upload is gone
+        client.request("POST", path, encode_chunk(flat, 0, 10))
+    assert error.value.status == 404
+
+    cancelled = VolumeUpload(client, voxels, *identity_geometry(), chunk_bytes=1000)
+    cancelled.step(), cancelled.step()
+    cancelled_id = cancelled.id
+    cancelled.cancel()
+    with pytest.raises(ServerError, match="begin the upload again"):
+        client.request("POST", f"/uploads/{cancelled_id}", encode_chunk(flat, 1000, 1000))
+
+    session = client.open_volume(voxels, *identity_geometry())  # still serving
+    assert session.start(centre_click(voxels), wait=5.0).state == "done" and session.mask.any()
+
+
+def test_unfinished_uploads_hold_session_memory_until_they_expire():
+    from ultrasam.server import ApiError, Engine, Limits
+
+    engine = Engine(cache=None, description="no model needed", limits=Limits(session_bytes=100_000, idle_seconds=60))
+    header = {"shape": [10, 50, 50], "dtype": "uint8"}  # 25,000 voxels: 100,000 bytes of session memory
+    upload_id = engine.begin_upload(header)["upload"]
+    with pytest.raises(ApiError) as error:  # the first one's room is reserved
+        engine.begin_upload(header)
+    assert error.value.status == 503
+    engine.pending(upload_id).last_used -= 61
+    assert engine.expire_idle() == [upload_id] and not engine.uploads
+    assert engine.begin_upload(header)["total"] == 25_000

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import sys
 import types
 from pathlib import Path
@@ -420,6 +421,51 @@ def test_the_effect_starts_the_server_with_the_chosen_checkpoint_and_restarts_it
     assert "second.pth" in effect.engine.description and effect.engine.starts == 2
     assert first_process.poll() is not None  # the first server was stopped, not left behind
     assert effect.result is not None  # the prompts ran again with the new model
+
+
+def test_the_effect_sends_the_volume_a_chunk_per_tick_and_no_call_waits_for_the_model(effect, served, monkeypatch):
+    # Structural, not timed: every main-thread call sends at most one bounded chunk, and no call
+    # asks the server to hold its answer (wait=0), so each returns within one short exchange.
+    import time
+    from urllib.parse import parse_qs, urlsplit
+
+    from ultrasam.client import Client, VolumeUpload
+
+    chunk_bytes = 512
+    monkeypatch.setattr(VolumeUpload, "CHUNK_BYTES", chunk_bytes)
+    calls, ticks, statuses = [], [], []
+    request = Client.request
+    monkeypatch.setattr(Client, "request", lambda client, method, path, body=None, timeout=None: (
+        calls.append((method, path, body)), request(client, method, path, body, timeout))[1])
+    on_poll, set_status = effect.onPoll, effect.setStatus
+    monkeypatch.setattr(effect, "onPoll", lambda: (ticks.append(len(calls)), on_poll()))
+    monkeypatch.setattr(effect, "setStatus", lambda text: (statuses.append(text), set_status(text)))
+
+    effect.buildSession()
+    end = time.monotonic() + 60
+    while effect.upload is None or effect.upload.sent == 0:  # the server starts, then the upload begins
+        assert time.monotonic() < end, effect.statusLabel.text
+        effect.onPoll()
+        time.sleep(0.01)
+    view = k_plane_view(6)  # a click while the volume is on its way: it runs once the volume is there
+    for event in (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonReleaseEvent):
+        assert effect.processInteractionEvents(interactor(view.xyOf(world_of_kji(CENTER_KJI)[0])), event, view)
+    effect.runPrompts()
+    assert effect.session is None and "Uploading the volume" in effect.statusLabel.text
+    settle(effect)
+    assert effect.result is not None and effect.result[6].any()
+
+    chunks = [body for method, path, body in calls if method == "POST" and path.startswith("/uploads/")]
+    counts = [json.loads(body[8:8 + int.from_bytes(body[4:8], "little")])["count"] for body in chunks]
+    itemsize = effect.volume.voxels.itemsize
+    assert sum(counts) == effect.volume.voxels.size and max(counts) * itemsize <= chunk_bytes and len(counts) >= 5
+    chunk_ticks = [i for i, (method, path, _) in enumerate(calls) if method == "POST" and path.startswith("/uploads/")]
+    assert len(set(np.searchsorted(ticks, chunk_ticks, side="right"))) == len(chunk_ticks)  # one chunk per tick
+    uploading = [int(text.split(": ")[1].split(" %")[0]) for text in statuses if text.startswith("Uploading")]
+    assert uploading == sorted(uploading) and len(set(uploading)) >= 4
+    waits = [float(w) for _, path, _ in calls for w in parse_qs(urlsplit(path).query).get("wait", [])]
+    waits += [body.get("wait", 0.0) for _, _, body in calls if isinstance(body, dict)]
+    assert waits and max(waits) == 0.0  # the click's start and every poll return at once
 
 
 def test_a_killed_server_leaves_preview_and_segment_as_they_were_and_the_next_prompt_restarts_it(

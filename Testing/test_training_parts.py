@@ -238,11 +238,12 @@ class _Samples:
                                dataset="d")
 
 
-def test_an_unreadable_sample_is_skipped_for_the_next():
+def test_an_unreadable_sample_is_skipped_for_the_next_and_listed_for_the_trainer():
     dataset = PreparedDataset(_Samples(), PrepareOptions(64, prompt_kind="box", keep_masks=True))
-    with pytest.warns(UserWarning, match="image 1 does not exist"):
-        item = dataset[(1, 5)]
+    item = dataset[(1, 5)]
     assert item.masks.shape == (1, 64, 64) and int(item.masks[0].any(dim=1).sum()) == 6  # sample 2, scaled x2
+    assert [(p.kind, p.where, p.detail) for p in item.skipped] == [("missing file", "sample 1", "image 1 does not exist")]
+    assert dataset[(0, 5)].skipped == ()
 
 
 def test_build_model_from_each_init_kind(tmp_path):

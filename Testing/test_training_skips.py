@@ -72,3 +72,45 @@ def test_allowed_skips_are_on_screen_in_metrics_and_in_the_progress(tmp_path, da
     assert start["images"] == 5  # 6 images, one missing
     # The Slicer module's status line shows Progress.skipped (UltraSamTraining.py, refresh()).
     assert read_progress(tmp_path / "run").skipped.startswith("2 data items skipped (missing file 1, unreadable")
+
+
+def _undecodable(folder: Path) -> Path:
+    """One of the fixture's image files, still present but no longer a PNG (only training opens it)."""
+    image = folder.parent.parent / "images" / "HC__007__00007.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not image data" * 10)
+    return image
+
+
+def _three_steps(config: Path) -> Path:
+    values = json.loads(config.read_text())
+    values["run"].update(steps=6, checkpoint_every=6, val_every=6)  # each of the 6 images is met
+    config.write_text(json.dumps(values))
+    return config
+
+
+def test_an_image_that_cannot_be_decoded_stops_training_by_default(tmp_path, data, capsys):
+    good, _ = data
+    image = _undecodable(good)
+    assert main(["train", str(_three_steps(_config(tmp_path, [good])))]) == 2
+    error = capsys.readouterr().err
+    assert "unreadable image: 1" in error and image.name in error and "data.skip_bad_samples" in error
+    records = read_records(tmp_path / "run" / "metrics.jsonl")
+    assert records[-1]["kind"] == "error" and image.name in records[-1]["message"]
+    assert not (tmp_path / "run" / "model.pth").exists()
+
+
+def test_an_allowed_undecodable_image_is_reported_once_in_metrics_and_the_progress(tmp_path, data, capsys):
+    good, _ = data
+    image = _undecodable(good)
+    config = _three_steps(_config(tmp_path, [good], skip_bad_samples=True))
+    values = json.loads(config.read_text())
+    values["run"].update(steps=12, checkpoint_every=12, val_every=12)  # two epochs: met twice, said once
+    config.write_text(json.dumps(values))
+    assert main(["train", str(config)]) == 0
+    assert image.name in capsys.readouterr().err
+
+    records = read_records(tmp_path / "run" / "metrics.jsonl")
+    skipped = [r for r in records if r["kind"] == "skipped"]
+    assert len(skipped) == 1 and skipped[0]["step"] > 0 and skipped[0]["kinds"] == {"unreadable image": 1}
+    assert image.name in skipped[0]["items"][0]["where"]
+    assert read_progress(tmp_path / "run").skipped.startswith("1 data items skipped (unreadable image 1")

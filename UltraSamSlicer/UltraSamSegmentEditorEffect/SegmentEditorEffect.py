@@ -2,8 +2,8 @@
 
 A thin Qt layer. Clicks, drags and markups become world-RAS prompts (:mod:`mrml_bridge`); the
 model runs in ``ultrasam serve``, a separate process (:mod:`UltraSamSlicerLib.engine`), which turns
-them into a (K, J, I) mask; the effect only makes short calls from the main thread: a run is
-started, then a ``QTimer`` polls it and does all MRML work. If the server dies, the preview and the
+them into a (K, J, I) mask; the effect only makes short calls from the main thread: the volume
+is sent a chunk per timer tick, a run is started, then a ``QTimer`` polls it and does all MRML work. If the server dies, the preview and the
 segment stay as they were, and the next prompt starts it again. The result is shown in a separate
 preview segmentation and reaches the edited segment only through
 ``modifySelectedSegmentByLabelmap``, after one ``saveStateForUndo``, so masking, overwrite rules and
@@ -28,6 +28,7 @@ from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 # Only absolute imports: Slicer loads this file as the module "UltraSamSegmentEditorEffect" (its
 # folder's name), never as part of a package.
+from ultrasam.client import VolumeUpload
 from ultrasam.wire import prompts_to_json
 from UltraSamSlicerLib import model_settings, mrml_bridge
 from UltraSamSlicerLib.engine import ServerError, ServerGone, shared_engine
@@ -38,8 +39,7 @@ PREVIEW_ROLE = "UltraSamPreview"  # node reference of the preview segmentation i
 PREVIEW_SEGMENT = "UltraSamPreview"
 PROMPT_ROLE_ATTRIBUTE = "UltraSam.PromptRole"  # marks the effect's own click-prompt nodes
 DRAG_PIXELS = 4  # a press-release that moves further is a box, not a click
-POLL_MS = 50
-CLICK_WAIT_S = 0.1  # a preview started from a click is usually back within this one call
+POLL_MS = 50  # a click's preview is picked up by the next tick: no call waits for the model
 DIRECTIONS = ("both", "forward", "backward")  # the "Direction" parameter (ultrasam.session.DIRECTIONS)
 APPLY_MODES = ("add", "replace")  # the "ApplyMode" parameter, in the order of the Apply combo box
 MARKUPS_KEYS = ("BackSpace", "Delete")  # Markups deletes the hovered point with these (vtkSlicerMarkupsWidget)
@@ -60,6 +60,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.engine = None  # set while active
         self.session = None  # ultrasam.client.RemoteSession of the source volume
         self.wantSession = False  # open one as soon as the server is ready
+        self.upload = None  # ultrasam.client.VolumeUpload of the source volume, while it is sent
         self.queuedRun = None  # a run asked for while another was going: its `propagate`
         self.volume = None
         self.axis = 0
@@ -292,39 +293,49 @@ point deletes it. A points node selected below adds more positive points.</li>
         self.openSession()
 
     def openSession(self):
-        """Send the volume to the server once it is ready (short calls; the timer calls again)."""
+        """Send the volume to the server once it is ready, one chunk a call (the timer calls again);
+        prompts made meanwhile run once it is there."""
         try:
             if self.sessionFactory is not None:
                 self.session = self.sessionFactory(self.volume)
             else:
-                settings = self.sessionSettings = model_settings.read()
-                client = self.engine.client(settings)
-                if client is None:
-                    self.setStatus("Starting the UltraSam server...")
+                if self.upload is None:
+                    settings = self.sessionSettings = model_settings.read()
+                    client = self.engine.client(settings)
+                    if client is None:
+                        self.setStatus("Starting the UltraSam server...")
+                        return
+                    geometry = self.volume.geometry
+                    self.upload = VolumeUpload(client, self.volume.voxels, geometry.origin_lps, geometry.spacing,
+                                               geometry.direction_lps, self.volume.name)
+                self.session = self.upload.step()
+                if self.session is None:
+                    self.setStatus(f"Uploading the volume to the UltraSam server: {100 * self.upload.progress:.0f} %"
+                                   " (prompts run once it is there)")
                     return
-                geometry = self.volume.geometry
-                self.session = client.open_volume(self.volume.voxels, geometry.origin_lps, geometry.spacing,
-                                                  geometry.direction_lps, self.volume.name)
         except ServerGone as error:
-            self.wantSession = False
+            self.wantSession, self.upload = False, None
             self.setStatus(f"{error}. Prompt again to retry.")
             return
         except (ServerError, FileNotFoundError) as error:
-            self.wantSession = False
+            self.wantSession, self.upload = False, None
             self.setStatus(str(error))
             return
-        self.wantSession = False
+        self.wantSession, self.upload = False, None
         description = self.engine.description if self.engine is not None else ""
         self.setStatus(f"Ready: {description}." if description else "Ready.")
         self.runPrompts()
 
     def closeSession(self):
         session, self.session, self.wantSession, self.queuedRun = self.session, None, False, None
-        if session is not None:
-            try:
+        upload, self.upload = self.upload, None
+        try:
+            if session is not None:
                 session.close()
-            except ServerError:
-                pass  # gone already, or expired: nothing left to free
+            if upload is not None:
+                upload.cancel()
+        except ServerError:
+            pass  # gone already, or expired: nothing left to free
 
     # ---- prompts --------------------------------------------------------------------------------
     def promptNode(self, positive: bool):
@@ -581,8 +592,7 @@ point deletes it. A points node selected below adds more positive points.</li>
             self.discardPreview()
             return
         rules = {"min_iou": self.scriptedEffect.doubleParameter("MinIoU")}
-        self.call(lambda: self.session.start(prompts, propagate, self.axis, self.span(), rules,
-                                             0.0 if propagate else CLICK_WAIT_S))
+        self.call(lambda: self.session.start(prompts, propagate, self.axis, self.span(), rules))
 
     def call(self, request):
         """Make one short server call and act on the run state it returns; a lost server is reported."""

@@ -1,8 +1,9 @@
 """A thin client of ``ultrasam serve``: the standard library and numpy only, no model code.
 
 Slicer's Python imports it without torch. Every call is one short HTTP exchange on a kept-alive
-connection, made from the caller's thread; long work (propagation) is started, then polled, so a
-caller on Slicer's main thread never waits on it. :class:`LocalServer` runs the server as a child
+connection, made from the caller's thread; long work (propagation) is started, then polled, and a
+volume travels in chunks (:class:`VolumeUpload`), so a caller on Slicer's main thread never waits
+on either. :class:`LocalServer` runs the server as a child
 process on a free loopback port with a random token.
 """
 
@@ -23,7 +24,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from ultrasam import __version__
-from ultrasam.wire import PROTOCOL, apply_slices, encode_volume, prompts_to_json
+from ultrasam.wire import PROTOCOL, apply_slices, encode_chunk, prompts_to_json, volume_header
 
 TOKEN_ENV = "ULTRASAM_TOKEN"
 
@@ -99,10 +100,12 @@ class Client:
         return info
 
     def open_volume(self, voxels: np.ndarray, origin_lps, spacing, direction_lps, name: str = "") -> "RemoteSession":
-        """Upload a (K, J, I) volume with its geometry (:class:`ultrasam.geometry.Geometry` fields)."""
-        body = encode_volume(voxels, origin_lps, spacing, direction_lps, name)
-        answer = self.request("POST", "/sessions", body)
-        return RemoteSession(self, answer["session"], tuple(voxels.shape))
+        """Upload a (K, J, I) volume with its geometry (:class:`ultrasam.geometry.Geometry` fields),
+        all steps of a :class:`VolumeUpload` in a row (command line, scripts)."""
+        upload = VolumeUpload(self, voxels, origin_lps, spacing, direction_lps, name)
+        while upload.step() is None:
+            pass
+        return upload.session
 
     def close(self) -> None:
         if self._connection is not None:
@@ -116,6 +119,57 @@ class Client:
         if self._connection.sock is not None:
             self._connection.sock.settimeout(self._connection.timeout)
         return self._connection
+
+
+class VolumeUpload:
+    """A volume sent in short steps: each :meth:`step` is one HTTP exchange carrying at most
+    ``chunk_bytes`` of raw voxels (compressed), so Slicer's main thread calls it from a timer.
+
+    Args:
+        voxels: (K, J, I); origin_lps, spacing, direction_lps: :class:`ultrasam.geometry.Geometry` fields.
+        chunk_bytes: raw voxel bytes per step (fewer if the server takes less); default :attr:`CHUNK_BYTES`.
+    """
+
+    CHUNK_BYTES = 4 << 20  # zlib level 1 and loopback: a few tens of milliseconds a step
+
+    def __init__(self, client: Client, voxels: np.ndarray, origin_lps, spacing, direction_lps, name: str = "",
+                 chunk_bytes: int | None = None) -> None:
+        voxels = np.ascontiguousarray(voxels)
+        self.client, self.shape = client, tuple(voxels.shape)
+        self.header = volume_header(voxels, origin_lps, spacing, direction_lps, name)
+        self._flat = voxels.reshape(-1)
+        self.chunk_voxels = max(1, (chunk_bytes or self.CHUNK_BYTES) // voxels.itemsize)
+        self.id: str | None = None
+        self.sent = 0  # voxels the server holds
+        self.session: RemoteSession | None = None
+
+    @property
+    def progress(self) -> float:
+        """The fraction of the voxels the server holds, 0 to 1."""
+        return self.sent / self._flat.size
+
+    def step(self) -> "RemoteSession | None":
+        """Send the next piece (first the header, then one chunk a call); the session once all arrived."""
+        if self.session is not None:
+            return self.session
+        if self.id is None:
+            answer = self.client.request("POST", "/uploads", self.header)
+            self.id = answer["upload"]
+            self.chunk_voxels = max(1, min(self.chunk_voxels, answer["chunk_bytes"] // self._flat.itemsize))
+            return None
+        answer = self.client.request("POST", f"/uploads/{self.id}", encode_chunk(self._flat, self.sent,
+                                                                                   self.chunk_voxels))
+        if "session" in answer:
+            self.sent, self.session = self._flat.size, RemoteSession(self.client, answer["session"], self.shape)
+        else:
+            self.sent = answer["received"]
+        return self.session
+
+    def cancel(self) -> None:
+        """Drop an unfinished upload on the server (it would expire anyway)."""
+        if self.id is not None and self.session is None:
+            self.client.request("DELETE", f"/uploads/{self.id}")
+            self.id = None
 
 
 @dataclass

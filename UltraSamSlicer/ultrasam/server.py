@@ -9,6 +9,10 @@ Operations (JSON unless said; every error is ``{"error": "what to do"}`` with a 
 
 - ``GET /info``: server, protocol and model versions.
 - ``POST /sessions``: a volume body (:mod:`ultrasam.wire`) -> ``{"session": id}``.
+- ``POST /uploads``: a volume header -> ``{"upload": id, "total": voxels}``; then ``POST
+  /uploads/{id}`` per chunk body, in order -> ``{"received": voxels, "total": voxels}``, and for the
+  last chunk ``{"session": id}``; ``DELETE /uploads/{id}``. A client sends a large volume in short
+  requests this way (Slicer's main thread never waits on a whole upload).
 - ``POST /sessions/{id}/run``: prompts, propagate, axis, span, stop rules -> the run's state.
 - ``GET /sessions/{id}/run?base=V&wait=S``: the run's state; once done, the mask slices that
   changed since the client's version ``V`` (all slices if the server no longer holds ``V``).
@@ -17,7 +21,7 @@ Operations (JSON unless said; every error is ``{"error": "what to do"}`` with a 
 
 Safety: binds 127.0.0.1 unless told otherwise, and any other address needs a token (compared in
 constant time); bodies are size-limited before they are read; sessions are bounded in memory and
-expire when idle; no operation reads or writes a file named by the client.
+expire when idle, as do unfinished uploads; no operation reads or writes a file named by the client.
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from ultrasam import __version__
-from ultrasam.wire import PROTOCOL, WireError, decode_volume, encode_slices
+from ultrasam.wire import PROTOCOL, WireError, check_volume_header, decode_chunk, decode_volume, encode_slices
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TOKEN_HEADER = "Authorization"  # "Bearer <token>"
+CHUNK_OVERHEAD = 1 << 16  # a chunk's header, and zlib's framing of voxels that do not compress
 MAX_WAIT_S = 5.0  # longest a request may hold its connection waiting for a run
 
 
@@ -56,12 +61,14 @@ class Limits:
 
     Attributes:
         upload_bytes: largest compressed request body; also the largest volume once inflated.
+        chunk_bytes: largest chunk of a chunked upload, compressed or inflated.
         json_bytes: largest JSON request body.
         session_bytes: voxels (as float32 slices are built from them) of all open sessions.
         idle_seconds: a session unused this long is closed.
     """
 
     upload_bytes: int = 1 << 30
+    chunk_bytes: int = 64 << 20
     json_bytes: int = 1 << 20
     session_bytes: int = 8 << 30
     idle_seconds: float = 1800.0
@@ -96,12 +103,24 @@ class OpenSession:
     warnings: list = field(default_factory=list)  # the latest result's (ultrasam.content_checks)
 
 
+@dataclass
+class PendingUpload:
+    """A volume arriving in chunks: its header, its voxels so far (flat, C order) and their count."""
+
+    header: dict
+    voxels: np.ndarray
+    bytes: int  # session memory reserved for it
+    received: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
 class Engine:
     """The model, the sessions, and the one thread that runs the model. Framework-free."""
 
     def __init__(self, cache, description: str, limits: Limits = Limits()) -> None:
         self.cache, self.description, self.limits = cache, description, limits
         self.sessions: dict[str, OpenSession] = {}
+        self.uploads: dict[str, PendingUpload] = {}
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="UltraSamModel")
         self._lock = threading.Lock()
 
@@ -111,14 +130,72 @@ class Engine:
 
     def open(self, body: bytes) -> dict:
         """Decode a volume body and open a session on it (called off the event loop)."""
-        from ultrasam.geometry import Geometry, Volume
+        try:
+            header, voxels = decode_volume(body, self.limits.upload_bytes)
+        except WireError as error:
+            raise ApiError(400, str(error)) from None
+        return self._open_voxels(header, voxels)
+
+    def begin_upload(self, header: dict) -> dict:
+        """Reserve room for a volume that arrives in chunks (:meth:`add_chunk`)."""
+        try:
+            shape, dtype, _ = check_volume_header(header, self.limits.upload_bytes)
+            _geometry(header)
+        except (WireError, ValueError, TypeError) as error:
+            raise ApiError(400, str(error)) from None
+        total = int(np.prod(shape))
+        size = total * 4  # as the session it becomes: reserved now, so its last chunk finds room
+        self._make_room(size)
+        upload_id = secrets.token_urlsafe(12)
+        with self._lock:
+            self.uploads[upload_id] = PendingUpload(header, np.empty(total, dtype), size)
+        return {"upload": upload_id, "total": total, "chunk_bytes": self.limits.chunk_bytes}
+
+    def add_chunk(self, upload_id: str, body: bytes) -> dict:
+        """Store the next chunk of an upload; the last one opens the session (called off the event loop)."""
+        upload = self.pending(upload_id)
+        try:
+            offset, part = decode_chunk(body, upload.voxels.dtype, self.limits.chunk_bytes)
+        except WireError as error:
+            raise ApiError(400, str(error)) from None
+        with self._lock:  # chunks of one upload are taken in order, one at a time
+            expected, total = upload.received, upload.voxels.size
+            if offset != expected:
+                sent = "was received already" if offset < expected else "is ahead of the next one"
+                raise ApiError(409, f"the chunk at voxel {offset} {sent}: send the chunk at voxel {expected} next "
+                                    "(chunks go in order, each once), or begin the upload again")
+            if offset + part.size > total:
+                raise ApiError(400, f"the chunk ends at voxel {offset + part.size}, past the volume's {total}: "
+                                    "send only the voxels of the shape given when the upload began")
+            upload.voxels[offset:offset + part.size] = part
+            upload.received = offset + part.size
+            upload.last_used = time.monotonic()
+            if upload.received < total:
+                return {"received": upload.received, "total": total}
+            self.uploads.pop(upload_id, None)
+        shape, _, _ = check_volume_header(upload.header, self.limits.upload_bytes)
+        return self._open_voxels(upload.header, upload.voxels.reshape(shape))
+
+    def cancel_upload(self, upload_id: str) -> None:
+        self.pending(upload_id)
+        with self._lock:
+            self.uploads.pop(upload_id, None)
+
+    def pending(self, upload_id: str) -> PendingUpload:
+        upload = self.uploads.get(upload_id)
+        if upload is None:
+            raise ApiError(404, f"unknown upload {upload_id!r} (finished, cancelled, expired, or the server "
+                                "restarted): begin the upload again")
+        return upload
+
+    def _open_voxels(self, header: dict, voxels: np.ndarray) -> dict:
+        """A session on (K, J, I) ``voxels`` with the header's geometry and name."""
+        from ultrasam.geometry import Volume
         from ultrasam.session import SegmentationSession
 
         try:
-            header, voxels = decode_volume(body, self.limits.upload_bytes)
-            geometry = Geometry(header.get("origin_lps", np.zeros(3)), header.get("spacing", np.ones(3)),
-                                header.get("direction_lps", np.eye(3)))
-        except (WireError, ValueError, TypeError) as error:
+            geometry = _geometry(header)
+        except (ValueError, TypeError) as error:
             raise ApiError(400, str(error)) from None
         size = voxels.size * 4  # the float32 slices and uint8 masks built from the voxels, roughly
         self._make_room(size)
@@ -206,13 +283,19 @@ class Engine:
             self.sessions.pop(session_id, None)
 
     def expire_idle(self) -> list[str]:
-        """Close sessions unused for ``limits.idle_seconds`` and not running; returns their ids."""
+        """Close sessions unused for ``limits.idle_seconds`` and not running, and drop uploads
+        unfinished that long; returns their ids."""
         now = time.monotonic()
         idle = [sid for sid, opened in list(self.sessions.items())
                 if now - opened.last_used > self.limits.idle_seconds and not _running(opened)]
         for session_id in idle:
             self.close(session_id)
-        return idle
+        stalled = [uid for uid, upload in list(self.uploads.items())
+                   if now - upload.last_used > self.limits.idle_seconds]
+        with self._lock:
+            for upload_id in stalled:
+                self.uploads.pop(upload_id, None)
+        return idle + stalled
 
     def shutdown(self) -> None:
         for session_id in list(self.sessions):
@@ -226,13 +309,16 @@ class Engine:
                                 f"{self.limits.session_bytes / 2**30:.1f} GiB: crop it, or start the server with a "
                                 "larger --session-memory-gib")
         for session_id, opened in sorted(self.sessions.items(), key=lambda item: item[1].last_used):
-            if sum(o.bytes for o in self.sessions.values()) + size <= self.limits.session_bytes:
+            if self._bytes_used() + size <= self.limits.session_bytes:
                 return
             if not _running(opened):
                 self.close(session_id)
-        if sum(o.bytes for o in self.sessions.values()) + size > self.limits.session_bytes:
+        if self._bytes_used() + size > self.limits.session_bytes:
             raise ApiError(503, "the server's session memory is full of running sessions: wait for them, "
                                 "or start the server with a larger --session-memory-gib")
+
+    def _bytes_used(self) -> int:
+        return sum(o.bytes for o in self.sessions.values()) + sum(u.bytes for u in list(self.uploads.values()))
 
     def _keep_result(self, opened: OpenSession, result) -> None:
         opened.version += 1
@@ -262,6 +348,14 @@ class Engine:
         embed = Run(False)
         embed.future = self._model_thread.submit(opened.session.embed_all, embed.cancel.is_set)
         opened.embed = embed
+
+
+def _geometry(header: dict):
+    """The :class:`ultrasam.geometry.Geometry` of a volume header (ValueError/TypeError if invalid)."""
+    from ultrasam.geometry import Geometry
+
+    return Geometry(header.get("origin_lps", np.zeros(3)), header.get("spacing", np.ones(3)),
+                    header.get("direction_lps", np.eye(3)))
 
 
 def _running(opened: OpenSession) -> bool:
@@ -326,6 +420,21 @@ def create_app(engine: Engine, token: str | None = None):
     async def open_session(request: Request):
         body = await _read_body(request, engine.limits.upload_bytes)
         return await asyncio.get_running_loop().run_in_executor(None, engine.open, body)
+
+    @app.post("/uploads")
+    async def begin_upload(request: Request):
+        return engine.begin_upload(await _read_json(request, engine.limits.json_bytes))
+
+    @app.post("/uploads/{upload_id}")
+    async def add_chunk(upload_id: str, request: Request):
+        engine.pending(upload_id)  # an unknown upload is refused before its body is read
+        body = await _read_body(request, engine.limits.chunk_bytes + CHUNK_OVERHEAD)
+        return await asyncio.get_running_loop().run_in_executor(None, engine.add_chunk, upload_id, body)
+
+    @app.delete("/uploads/{upload_id}")
+    async def cancel_upload(upload_id: str):
+        engine.cancel_upload(upload_id)
+        return {"cancelled": upload_id}
 
     @app.post("/sessions/{session_id}/run")
     async def run(session_id: str, request: Request):

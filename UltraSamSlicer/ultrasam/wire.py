@@ -10,6 +10,10 @@ Volume body (POST /sessions)::
 
 Header: ``shape`` [K, J, I], ``dtype`` (one of :data:`VOXEL_DTYPES`), ``origin_lps``, ``spacing``
 (i, j, k), ``direction_lps`` (3x3, columns i, j, k), ``name``.
+
+A chunked upload (``POST /uploads`` with that header as JSON, then ``POST /uploads/{id}`` per chunk)
+sends the voxels in C order as chunk bodies of the same layout, whose header is ``offset`` (the
+first voxel's flat index), ``count`` (voxels) and ``dtype``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-PROTOCOL = 1  # bumped when a request or answer changes shape; client and server must agree
+PROTOCOL = 2  # bumped when a request or answer changes shape; client and server must agree
 MAGIC = b"USV1"
 VOXEL_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 
@@ -31,33 +35,50 @@ class WireError(ValueError):
     """A body that cannot be decoded; the message says what was wrong."""
 
 
-def encode_volume(voxels: np.ndarray, origin_lps, spacing, direction_lps, name: str = "", level: int = 1) -> bytes:
-    """(K, J, I) voxels and their geometry -> a volume body. ``level`` 1: zlib's fastest; voxels
-    whose first MiB does not compress (noise, most float data) are stored (level 0), 10x faster."""
-    voxels = np.ascontiguousarray(voxels)
+def volume_header(voxels: np.ndarray, origin_lps, spacing, direction_lps, name: str = "") -> dict:
+    """The JSON header of (K, J, I) ``voxels`` and their geometry; WireError if they cannot travel."""
     if voxels.ndim != 3 or voxels.dtype.name not in VOXEL_DTYPES:
         raise WireError(f"a volume is (K, J, I) of {', '.join(VOXEL_DTYPES)}; got {voxels.shape} {voxels.dtype}")
-    header = json.dumps({
-        "shape": list(voxels.shape), "dtype": voxels.dtype.name, "name": name,
-        "origin_lps": np.asarray(origin_lps, float).tolist(), "spacing": np.asarray(spacing, float).tolist(),
-        "direction_lps": np.asarray(direction_lps, float).tolist(),
-    }).encode()
-    raw = voxels.reshape(-1).view(np.uint8)
+    return {"shape": list(voxels.shape), "dtype": voxels.dtype.name, "name": name,
+            "origin_lps": np.asarray(origin_lps, float).tolist(), "spacing": np.asarray(spacing, float).tolist(),
+            "direction_lps": np.asarray(direction_lps, float).tolist()}
+
+
+def encode_volume(voxels: np.ndarray, origin_lps, spacing, direction_lps, name: str = "", level: int = 1) -> bytes:
+    """(K, J, I) voxels and their geometry -> a volume body (the whole volume in one request)."""
+    voxels = np.ascontiguousarray(voxels)
+    return _encode(volume_header(voxels, origin_lps, spacing, direction_lps, name), voxels.reshape(-1), level)
+
+
+def encode_chunk(flat_voxels: np.ndarray, offset: int, count: int, level: int = 1) -> bytes:
+    """Voxels ``offset`` to ``offset + count`` of a volume's C-order ``flat_voxels`` -> a chunk body."""
+    part = flat_voxels[offset:offset + count]
+    return _encode({"offset": int(offset), "count": int(part.size), "dtype": part.dtype.name}, part, level)
+
+
+def _encode(header: dict, flat: np.ndarray, level: int) -> bytes:
+    """``level`` 1: zlib's fastest; voxels whose first MiB does not compress (noise, most float
+    data) are stored (level 0), 10x faster."""
+    raw = np.ascontiguousarray(flat).view(np.uint8)
     if level and len(zlib.compress(raw[:1 << 20].data, level)) > 0.9 * min(raw.size, 1 << 20):
         level = 0
-    return MAGIC + struct.pack("<I", len(header)) + header + zlib.compress(raw.data, level)
+    data = json.dumps(header).encode()
+    return MAGIC + struct.pack("<I", len(data)) + data + zlib.compress(raw.data, level)
 
 
 def decode_volume(body: bytes, max_voxel_bytes: int) -> tuple[dict, np.ndarray]:
     """A volume body -> (header, (K, J, I) voxels); never inflates beyond ``max_voxel_bytes``."""
-    if body[:4] != MAGIC or len(body) < 8:
-        raise WireError("not a volume body: expected b'USV1', a header length, a JSON header and zlib voxels")
-    (length,) = struct.unpack("<I", body[4:8])
+    header, data = _split(body)
+    shape, dtype, size = check_volume_header(header, max_voxel_bytes)
+    return header, _inflate(data, size, dtype).reshape(shape)
+
+
+def check_volume_header(header: dict, max_voxel_bytes: int) -> tuple[tuple, np.dtype, int]:
+    """A volume header -> (shape, dtype, bytes); WireError saying what is wrong or too large."""
     try:
-        header = json.loads(body[8:8 + length])
         shape = tuple(int(n) for n in header["shape"])
         dtype = np.dtype(header["dtype"])
-    except (ValueError, KeyError, TypeError) as error:
+    except (KeyError, TypeError, ValueError) as error:
         raise WireError(f"volume header is not valid JSON with 'shape' and 'dtype' ({error})") from None
     if dtype.name not in VOXEL_DTYPES or len(shape) != 3 or min(shape) < 1:
         raise WireError(f"volume must be (K, J, I) of {', '.join(VOXEL_DTYPES)}; got {list(shape)} {dtype.name}")
@@ -66,15 +87,49 @@ def decode_volume(body: bytes, max_voxel_bytes: int) -> tuple[dict, np.ndarray]:
         raise WireError(f"volume of {size / 2**20:.0f} MiB exceeds the server's limit of "
                         f"{max_voxel_bytes / 2**20:.0f} MiB: crop it, or start the server with a larger "
                         "--max-upload-mib")
+    return shape, dtype, size
+
+
+def decode_chunk(body: bytes, dtype: np.dtype, max_voxel_bytes: int) -> tuple[int, np.ndarray]:
+    """A chunk body of a ``dtype`` volume -> (offset, flat voxels); never inflates beyond the limit."""
+    header, data = _split(body)
+    try:
+        offset, count = int(header["offset"]), int(header["count"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise WireError(f"chunk header is not valid JSON with 'offset' and 'count' ({error})") from None
+    if header.get("dtype") != dtype.name or offset < 0 or count < 1:
+        raise WireError(f"a chunk holds 1 or more {dtype.name} voxels (the upload's type) from an offset >= 0; "
+                        f"got {count} {header.get('dtype')} voxels from {offset}")
+    if count * dtype.itemsize > max_voxel_bytes:
+        raise WireError(f"chunk of {count * dtype.itemsize} bytes exceeds the server's limit of {max_voxel_bytes} "
+                        "bytes per chunk: send smaller chunks")
+    return offset, _inflate(data, count * dtype.itemsize, dtype)
+
+
+def _split(body: bytes) -> tuple[dict, bytes]:
+    """A body -> (its JSON header, its zlib data)."""
+    if body[:4] != MAGIC or len(body) < 8:
+        raise WireError("not a volume body: expected b'USV1', a header length, a JSON header and zlib voxels")
+    (length,) = struct.unpack("<I", body[4:8])
+    try:
+        header = json.loads(body[8:8 + length])
+    except ValueError as error:
+        raise WireError(f"volume header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise WireError("volume header is not valid JSON: expected an object")
+    return header, body[8 + length:]
+
+
+def _inflate(data: bytes, size: int, dtype: np.dtype) -> np.ndarray:
+    """zlib ``data`` -> exactly ``size`` bytes as flat ``dtype`` voxels; a zip bomb stops at size + 1."""
     inflater = zlib.decompressobj()
     try:
-        raw = inflater.decompress(body[8 + length:], size + 1)  # bounded: a zip bomb stops here
+        raw = inflater.decompress(data, size + 1)
     except zlib.error as error:
         raise WireError(f"volume voxels are not zlib data ({error})") from None
     if len(raw) != size or not inflater.eof:
-        raise WireError(f"volume voxels hold {len(raw)} bytes (or more); shape {list(shape)} {dtype.name} "
-                        f"needs {size}")
-    return header, np.frombuffer(raw, dtype).reshape(shape)
+        raise WireError(f"volume voxels hold {len(raw)} bytes (or more); the header needs {size}")
+    return np.frombuffer(raw, dtype)
 
 
 def encode_slices(mask: np.ndarray, axis: int, indices: Sequence[int]) -> dict:

@@ -45,12 +45,12 @@ FOLDER_PROBES = 10  # images looked up to find the image folder (a few may be mi
 
 
 class DataError(ValueError):
-    """An annotation or image that cannot be used; ``kind`` is one of ``PROBLEM_KINDS``."""
+    """An annotation or image that cannot be used; ``kind`` is one of ``PROBLEM_KINDS``, ``where``
+    names the image when the reader knows it."""
 
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(f"{kind}: {detail}")
-        self.kind = kind
-        self.detail = detail
+    def __init__(self, kind: str, detail: str, where: str = "") -> None:
+        super().__init__(f"{where + ': ' if where else ''}{kind}: {detail}")
+        self.kind, self.detail, self.where = kind, detail, where
 
 
 @dataclass(frozen=True)
@@ -370,5 +370,8 @@ class CocoDataset:
         if len(rles) > self.max_objects:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             rles = [rles[i] for i in np.sort(rng.choice(len(rles), self.max_objects, replace=False))]
-        return read_sample(record, rles)
+        try:
+            return read_sample(record, rles)
+        except DataError as error:
+            raise DataError(error.kind, error.detail, f"{record.dataset} image {record.path.name}") from None
 

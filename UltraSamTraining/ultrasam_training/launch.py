@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -199,6 +200,7 @@ def read_progress(run_dir: str | Path) -> Progress:
     """
     progress = Progress()
     timed: list[tuple[int, float]] = []
+    skipped: dict[tuple[str, str], str] = {}  # each item once, however often it was reported
     for record in read_records(Path(run_dir) / METRICS_FILE):
         kind, step = record.get("kind"), int(record.get("step", 0))
         progress.step = step if kind == "start" else max(progress.step, step)
@@ -216,9 +218,11 @@ def read_progress(run_dir: str | Path) -> Progress:
             progress.state, progress.model = "done", record.get("best") or record.get("model")
         elif kind == "error":
             progress.state, progress.message = "error", record.get("message", "")
-        elif kind == "skipped":
-            kinds = ", ".join(f"{name} {count}" for name, count in sorted(record.get("kinds", {}).items()))
-            progress.skipped = f"{record.get('count', 0)} data items skipped ({kinds}; see metrics.jsonl)"
+        elif kind == "skipped":  # before training, then for each unreadable image met; again on resume
+            skipped.update({(item["kind"], item["where"]): item["kind"] for item in record.get("items", [])})
+            kinds = Counter(skipped.values())
+            listed = ", ".join(f"{name} {count}" for name, count in sorted(kinds.items()))
+            progress.skipped = f"{len(skipped)} data items skipped ({listed}; see metrics.jsonl)"
     if progress.state == "running" and len(timed) >= 2 and timed[-1][0] > timed[0][0]:
         seconds_per_step = (timed[-1][1] - timed[0][1]) / (timed[-1][0] - timed[0][0])
         progress.eta_s = seconds_per_step * (progress.steps - progress.step)

@@ -8,7 +8,6 @@ run sees exactly what an uninterrupted one would, with any number of loader work
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ultrasam_data.coco import DataError
+from ultrasam_data.coco import DataError, Problem
 from ultrasam_training.prompts import Prompts, fixed_prompts, sample_prompts
 
 
@@ -32,6 +31,7 @@ class Item:
         prompts: N prompts in the ``xy`` frame of ``image``.
         masks: (N, h, w) bool masks at ``image``'s resolution (validation items only, else None).
         dataset: name of the data set the image comes from (validation reports per data set).
+        skipped: the unreadable samples passed over to reach this one (the trainer reports them).
     """
 
     image: torch.Tensor
@@ -39,6 +39,7 @@ class Item:
     prompts: Prompts
     masks: Optional[torch.Tensor]
     dataset: str
+    skipped: tuple[Problem, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -159,15 +160,20 @@ class PreparedDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, key: int | tuple[int, int]) -> Item:
-        """The item at ``index``; an unreadable image is skipped (with a warning) for the next one."""
+        """The item at ``index``; an unreadable sample is passed over for the next one and listed
+        in the item's ``skipped``, so the trainer can refuse or report it."""
         index, seed = key if isinstance(key, tuple) else (key, key)
+        passed_over = []
         for offset in range(len(self.samples)):
+            position = (index + offset) % len(self.samples)
             try:
-                sample = self.samples[(index + offset) % len(self.samples)]
+                sample = self.samples[position]
             except DataError as error:
-                warnings.warn(f"skipped an unreadable sample: {error}", stacklevel=2)
+                passed_over.append(Problem(error.kind, error.where or f"sample {position}", error.detail))
                 continue
-            return prepare(sample, self.options, torch.Generator().manual_seed(seed))
+            item = prepare(sample, self.options, torch.Generator().manual_seed(seed))
+            item.skipped = tuple(passed_over)
+            return item
         raise DataError("no readable image", "every sample failed to load; run `python -m ultrasam_data.check`")
 
 

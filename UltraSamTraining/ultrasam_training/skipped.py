@@ -49,10 +49,11 @@ def summary(problems: Sequence[Problem]) -> str:
     return f"{len(problems)} training data item(s) left out ({' | '.join(parts)})"
 
 
-def report_skips(problems: Sequence[Problem], allowed: bool, log: Any) -> None:
+def report_skips(problems: Sequence[Problem], allowed: bool, log: Any, step: int = 0) -> None:
     """Refuse (SkippedDataError) or record and print ``problems``; nothing to do when empty.
 
-    ``log`` is the run's :class:`~ultrasam_training.runlog.RunLog` (None on ranks > 0).
+    ``log`` is the run's :class:`~ultrasam_training.runlog.RunLog` (None on ranks > 0); ``step``
+    is when they were met (0: found before training, on opening the data).
     """
     if not problems:
         return
@@ -61,6 +62,6 @@ def report_skips(problems: Sequence[Problem], allowed: bool, log: Any) -> None:
         raise SkippedDataError(f"{line}. Fix the data (`ultrasam check-data` lists every item), or set "
                                "data.skip_bad_samples to true in the config to train without them")
     if log is not None:
-        log.write("skipped", 0, count=len(problems), kinds=dict(Counter(p.kind for p in problems)),
+        log.write("skipped", step, count=len(problems), kinds=dict(Counter(p.kind for p in problems)),
                   items=[{"kind": p.kind, "where": p.where, "detail": p.detail} for p in problems])
         print(f"ultrasam-train: warning: {line}; all are listed in {log.path}", file=sys.stderr)

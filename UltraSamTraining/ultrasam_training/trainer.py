@@ -181,7 +181,11 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
                       process_group=dist.get_backend() if dist.is_initialized() else None,
                       precision=str(autocast or torch.float32), images=len(train_set),
                       val_images=len(val_set) if val_set else 0)
+        reported = set()  # an unreadable image comes back every epoch: report it once
         for items in loader:
+            met = list(dict.fromkeys(p for item in items for p in item.skipped if p not in reported))
+            report_skips(met, config.data.skip_bad_samples, log, step)
+            reported.update(met)
             parts = optimise(net, sam, optimizer, scheduler, items, config.optim.clip_norm)
             step += 1
             if step % config.run.log_every == 0 or step == config.run.steps:
