@@ -17,6 +17,7 @@ import gpu_check  # noqa: E402
 
 
 def test_dry_run_runs_every_step_on_the_cpu(tmp_path):
+    pytest.importorskip("torch", reason="the dry run runs the engine's torch code paths on the CPU")
     result = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), str(tmp_path), "--dry-run"],
                             capture_output=True, text=True, timeout=1800)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
