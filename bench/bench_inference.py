@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from segment_anything import SamPredictor  # noqa: E402
 
+from ultrasam.atomic import write_text_atomic  # noqa: E402
 from ultrasam.checkpoint import SamConfig, load_model, sam_from_config, save_checkpoint  # noqa: E402
 from ultrasam.fast_attention import (  # noqa: E402
     FusedAttention, FusedDecoderAttention, WarmCompiled, accelerate_image_encoder,
@@ -452,9 +453,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(figures)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        temporary = args.json.with_suffix(".tmp")
-        temporary.write_text(json.dumps(figures, indent=2))
-        temporary.replace(args.json)
+        write_text_atomic(args.json, json.dumps(figures, indent=2))
     return figures
 
 

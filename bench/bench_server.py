@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ultrasam.atomic import write_text_atomic
 from ultrasam.checkpoint import load_model
 from ultrasam.client import LocalServer, VolumeUpload
 from ultrasam.geometry import Geometry, Volume
@@ -94,8 +95,7 @@ def main() -> int:
               f"{row['compress_s']} s in one piece; {row['steps']} steps, {row['upload_s']} s in all, the longest "
               f"{row['longest_step_ms']} ms")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as file:
-            json.dump(figures, file, indent=1)
+        write_text_atomic(args.json, json.dumps(figures, indent=1))
     return 0
 
 

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from ultrasam.atomic import write_text_atomic
 from ultrasam.checkpoint import SamConfig, sam_from_config
 from ultrasam.fast_attention import accelerate_image_encoder
 from ultrasam_training.config import LossConfig
@@ -136,8 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"speed-up  {figures['speedup']:.2f}x  ({figures['device']}, batch {args.batch}, "
           f"{args.objects} objects, image {figures['image_size']})")
     if args.json:
-        with open(args.json, "w") as stream:
-            json.dump(figures, stream, indent=2)
+        write_text_atomic(args.json, json.dumps(figures, indent=2))
     return figures
 
 
