@@ -237,7 +237,10 @@ def _embedding_cache(config: TrainConfig, sam, autocast, train_set, val_set, log
     """The frozen encoder's store, filled before the first step: every training image (and its
     mirror when training flips), then every validation image. Each rank fills it (they share files)."""
     folder = config.model.embedding_cache or str(Path(config.output_dir) / EMBEDDINGS_DIR)
-    cache = EmbeddingCache(folder, sam, autocast)
+    # On a CPU one image at a time is fastest (TinyViT, 2 threads: 1.0 s/image alone, 1.5 s/image in
+    # batches of 4); a GPU wants batches.
+    on_gpu = sam.pixel_mean.device.type == "cuda"
+    cache = EmbeddingCache(folder, sam, autocast, batch_size=8 if on_gpu else 1)
     size = sam.image_encoder.img_size
     images = [(train_set.samples, config.data.flip)] + ([(val_set.samples, False)] if val_set is not None else [])
     tick = time.time()
