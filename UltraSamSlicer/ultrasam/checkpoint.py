@@ -384,14 +384,16 @@ def _unpickle(path: Path, reader) -> Any:
         ) from None
 
 
-def save_checkpoint(path: str | os.PathLike, model: Sam, meta: Mapping[str, Any] | None = None) -> Path:
+def save_checkpoint(path: str | os.PathLike, model: Sam, meta: Mapping[str, Any] | None = None,
+                    float16: bool = False) -> Path:
     """Write ``model`` in this project's format, atomically (a crash leaves the old file intact).
 
     The file holds only tensors, plain Python values and the config, so :func:`load_model` (and
-    ``torch.load(weights_only=True)``) read it back.
+    ``torch.load(weights_only=True)``) read it back. ``float16`` stores floating-point tensors in
+    half precision (half the file; :func:`load_model` casts them back into the float32 model).
     """
     path = Path(path)
-    state_dict = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    state_dict = {name: _stored(tensor.detach().cpu(), float16) for name, tensor in model.state_dict().items()}
     payload = {
         "format": OWN_FORMAT,
         "version": 1,
@@ -401,6 +403,10 @@ def save_checkpoint(path: str | os.PathLike, model: Sam, meta: Mapping[str, Any]
     }
     atomic_torch_save(payload, path)
     return path
+
+
+def _stored(tensor: torch.Tensor, float16: bool) -> torch.Tensor:
+    return tensor.half() if float16 and tensor.is_floating_point() else tensor
 
 
 def atomic_torch_save(payload: Any, path: str | os.PathLike) -> None:

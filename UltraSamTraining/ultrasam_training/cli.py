@@ -10,6 +10,8 @@
     ultrasam-train stop RUN_DIR               end the job (the whole process tree, or scancel)
     ultrasam-train split FILE.json [--val-fraction F] [--seed S] [--by group|image]
                                               write a fixed train./val. split beside a data set's file
+    ultrasam-train export CHECKPOINT OUT.pth [--float16]
+                                              rewrite a checkpoint in this project's format (to ship it)
 """
 
 from __future__ import annotations
@@ -70,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("run_dir")
         command.set_defaults(run=run)
 
+    export = commands.add_parser("export", help="write a checkpoint in this project's format, e.g. in float16 to ship it")
+    export.add_argument("checkpoint", help="any checkpoint `ultrasam info` reads (a run's best.pth)")
+    export.add_argument("out")
+    export.add_argument("--float16", action="store_true", help="store the weights in half precision (half the file)")
+    export.set_defaults(run=_export)
+
     split = commands.add_parser("split", help="write train./val. COCO files beside a data set's main file")
     split.add_argument("annotation_file", help="a data set's main file, <dataset>__coco.json")
     split.add_argument("--val-fraction", type=float, default=0.2, help="share of the images held out (default 0.2)")
@@ -123,6 +131,17 @@ def _stop(args) -> int:
     from ultrasam_training import launch
 
     launch.stop(args.run_dir)
+    return 0
+
+
+def _export(args) -> int:
+    from ultrasam.checkpoint import load_model, save_checkpoint
+
+    loaded = load_model(args.checkpoint)
+    meta = dict(loaded.info.get("meta", {}))
+    if "postprocess" in loaded.info:  # the inference rules travel with the weights
+        meta["postprocess"] = loaded.info["postprocess"]
+    print(save_checkpoint(args.out, loaded.model, meta, float16=args.float16))
     return 0
 
 
