@@ -169,3 +169,18 @@ def test_model_settings_fall_back_to_the_shipped_model_and_say_how_to_get_ultras
     assert ModelSettings(cache_dir=str(tmp_path)).checkpoint_path() == tmp_path / "UltraSam.pth"
     with pytest.raises(FileNotFoundError, match="choose another file"):
         ModelSettings(checkpoint=str(tmp_path / "nope.pth")).checkpoint_path()
+
+
+def test_model_settings_name_the_bundled_compact_v1_and_litemedsam(tmp_path, monkeypatch):
+    import ultrasam.resources
+    from UltraSamSlicerLib.engine import serve_arguments
+    from UltraSamSlicerLib.models import COMPACT_V1, LITEMEDSAM, NAMED_MODELS, ModelSettings
+
+    assert COMPACT_V1 == ultrasam.resources.COMPACT_V1 and LITEMEDSAM == ultrasam.resources.LITEMEDSAM
+    assert {COMPACT_V1, LITEMEDSAM} < set(NAMED_MODELS)
+    settings = ModelSettings(checkpoint=COMPACT_V1, device="cpu")
+    assert settings.checkpoint_path() == ultrasam.resources.COMPACT_V1_MODEL
+    assert serve_arguments(settings)[:2] == ["--checkpoint", str(ultrasam.resources.COMPACT_V1_MODEL)]
+    monkeypatch.setattr(ultrasam.resources, "COMPACT_V1_MODEL", tmp_path / "not-installed.pth")
+    with pytest.raises(FileNotFoundError, match="reinstall the UltraSamSlicer extension"):
+        settings.checkpoint_path()

