@@ -54,6 +54,8 @@ def test_the_effect_registers_and_the_training_module_still_imports_the_helpers(
         loader, qt_layer, modules_restored, monkeypatch):
     import slicer
 
+    for name in [name for name in sys.modules if name == "UltraSamSlicer" or name.startswith(HELPERS)]:
+        del sys.modules[name]  # a fresh Slicer process: no copy imported by an earlier test (restored after)
     panel = importlib.import_module("UltraSamSlicer")  # Slicer loads the module (and its helpers) first
     effect_class = loader(panel.EFFECT_SOURCE)
     assert effect_class is not None and effect_class.__name__ == "SegmentEditorEffect"
