@@ -35,8 +35,8 @@ class ModelSettings:
     Attributes:
         checkpoint: :data:`OFFICIAL` (the downloaded UltraSam weights; until they are downloaded, the
             compact model shipped with the extension), :data:`LITEMEDSAM`, :data:`COMPACT_V1`, or a
-            path to any checkpoint :func:`ultrasam.checkpoint.load_model` reads (UltraSam, SAM ViT-B, MedSAM, files written
-            by the training module).
+            path to any checkpoint :func:`ultrasam.checkpoint.load_model` reads (UltraSam, SAM ViT-B,
+            MedSAM, files written by the training module).
         device: "auto" (CUDA when available), "cuda" or "cpu".
         precision: "auto" (bf16 image encoder on GPUs that support it; on a CPU the faster of
             bf16 and fp32, timed once per machine and model) or "float32".
