@@ -36,7 +36,7 @@ def test_dry_run_runs_every_step_on_the_cpu(tmp_path):
     assert steps["inference_default"]["result"]["model"].endswith(".pth")  # the shipped model, not random weights
     training = steps["training"]["result"]
     assert set(training["variants"]) == {"recipe", "ultrasam"}
-    assert training["frozen_encoder"]["status"] == "not available"
+    assert set(training["frozen_encoder"]["variants"]) == {"frozen", "full"}
     resume = steps["torchrun_resume"]["result"]
     assert resume["process_group"] == "gloo" and resume["resumed_from_step"] in (4, 8)
     assert resume["killed_at_step"] >= resume["resumed_from_step"]  # killed after a checkpoint, resumed from it

@@ -36,3 +36,14 @@ def test_synthetic_items_have_one_prompt_per_visible_object():
     for item in items:
         assert item.image.shape == (3, 96, 128) and item.image.dtype == torch.uint8
         assert len(item.target) == len(item.prompts.is_box) <= 5 and item.target.shape[1:] == (32, 32)
+
+
+def test_frozen_comparison_trains_from_the_cache_with_the_full_models_loss():
+    bench = _bench()
+    torch.set_num_threads(1)
+    figures = bench.main(["--tiny", "--frozen", "--device", "cpu", "--steps", "1", "--warmup", "1", "--batch", "2",
+                          "--objects", "3"])
+    frozen, full = figures["variants"]["frozen"], figures["variants"]["full"]
+    assert figures["speedup"] == pytest.approx(frozen["images_per_s"] / full["images_per_s"])
+    # Same weights and batch: the float16 cached embeddings give the encoder's own first loss.
+    assert frozen["first_loss"] == pytest.approx(full["first_loss"], rel=0.02)

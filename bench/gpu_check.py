@@ -10,7 +10,9 @@ others still run (the whole check stays within ``--total-s``, 8 minutes by defau
 1. ``cuda_tests``: ``pytest -m cuda`` (Testing/test_cuda_paths.py);
 2. ``inference_vit_b`` and ``inference_default``: bench/bench_inference.py, engine against
    ``SamPredictor`` fp32, on random ViT-B weights and on the shipped default model;
-3. ``training``: bench/bench_training.py, ViT-B full fine-tuning, bf16 and fp32 images/s;
+3. ``training``: bench/bench_training.py, ViT-B full fine-tuning, bf16 and fp32 images/s, and
+   frozen-encoder training of the shipped model (LiteMedSAM's architecture) against its full
+   fine-tuning;
 4. ``torchrun_resume``: a 1-GPU torchrun job (NCCL) of 50 steps killed with SIGKILL after its
    first checkpoint, resumed, and its final weights compared with an uninterrupted job's;
 5. peak GPU memory of every step (``nvidia-smi`` polled by this process, besides what each step
@@ -104,15 +106,19 @@ def inference(work: Path, dry_run: bool, volume: Path, model: str) -> dict:
 
 
 def training(work: Path, dry_run: bool, volume: Path) -> dict:
-    """bench_training.py: ViT-B full fine-tuning, bf16 (the recipe) and fp32 (UltraSam's)."""
+    """bench_training.py: ViT-B full fine-tuning, bf16 (the recipe) and fp32 (UltraSam's); frozen-encoder
+    training of the shipped model against its full fine-tuning."""
     import bench_training
 
     sizes = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--batch", "2", "--objects", "3"] \
         if dry_run else ["--device", "cuda", "--steps", "10", "--warmup", "3"]
     figures = bench_training.main([*sizes, "--json", str(work / "training.json")])
-    figures["frozen_encoder"] = {"status": "not available",
-                                 "reason": "ultrasam_training's frozen-encoder mode (model.frozen_encoder, issue 16) "
-                                           "arrived at the end of issue 15; bench_training does not time it yet"}
+    from ultrasam.resources import SHIPPED_MODEL  # LiteMedSAM's architecture; its package does not travel
+
+    frozen = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--batch", "2", "--objects", "3"] \
+        if dry_run else ["--checkpoint", str(SHIPPED_MODEL), "--device", "cuda", "--steps", "10", "--warmup", "3",
+                         "--objects", "1"]
+    figures["frozen_encoder"] = bench_training.main([*frozen, "--frozen", "--json", str(work / "training_frozen.json")])
     return figures
 
 
@@ -348,7 +354,9 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|"]
         for name, result in figures["variants"].items():
             lines.append(f"| {name} | {result['images_per_s']:.2f} | {result['peak_memory_gib']} | {TRAINING_TARGET:g} |")
-        lines.append(f"| frozen encoder | {figures['frozen_encoder']['status']} | | |")
+        frozen = figures["frozen_encoder"]
+        lines.append(f"| frozen encoder ({frozen['encoder']} at {frozen['image_size']} px) | "
+                     f"{frozen['variants']['frozen']['images_per_s']:.2f} | | {frozen['speedup']:.1f}x full fine-tuning |")
     figures = (steps.get("torchrun_resume") or {}).get("result")
     if figures:
         lines += ["", "## torchrun kill -9 and resume", "",
