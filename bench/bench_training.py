@@ -12,9 +12,10 @@ and >= 3x). ``--frozen`` compares instead, both in fp32:
 - ``frozen``: ``model.frozen_encoder``: the encoder frozen, its embeddings read from the on-disk
   cache (filled before timing, as the trainer fills it before its first step);
 - ``full``: full fine-tuning, the encoder run and trained at every step.
- Data are synthetic (random grey images with ellipse masks, ``--objects`` per image) and
-prepared before timing, so the figure is the model's, not the data loader's. Random weights:
-throughput does not depend on them, and nothing is downloaded.
+
+Data are synthetic (random grey images with ellipse masks, ``--objects`` per image) and prepared
+before timing, so the figure is the model's, not the data loader's. Weights are random unless
+``--checkpoint`` names a model: throughput does not depend on them, and nothing is downloaded.
 
     python bench/bench_training.py                      # GPU, SAM ViT-B, batch 8
     python bench/bench_training.py --tiny --device cpu  # seconds on a CPU: checks the script
