@@ -40,14 +40,19 @@ class EmbeddingCache:
         self.encoded = 0  # images this object ran through the encoder
 
     def __call__(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        device = self.model.pixel_mean.device
+        paths = self._store_missing(images)
+        return torch.stack([torch.load(path, map_location=device, weights_only=True) for path in paths]).float()
+
+    def _store_missing(self, images: Sequence[torch.Tensor]) -> list[Path]:
+        """Encode and write the images not yet stored; returns every image's file."""
         paths = [self.folder / f"{image_key(image)}.pt" for image in images]
         missing = [i for i, path in enumerate(paths) if not path.is_file()]
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start:start + self.batch_size]
             for i, embedding in zip(chunk, self._encode([images[i] for i in chunk])):
                 atomic_torch_save(embedding.half().cpu().clone(), paths[i])
-        device = self.model.pixel_mean.device
-        return torch.stack([torch.load(path, map_location=device, weights_only=True) for path in paths]).float()
+        return paths
 
     def fill(self, images: Iterable[torch.Tensor], progress: Callable[[int], None] = lambda done: None) -> int:
         """Embed every image not yet stored, in batches; returns how many images were looked at."""
@@ -56,12 +61,12 @@ class EmbeddingCache:
         for image in images:
             batch.append(image)
             if len(batch) == self.batch_size:
-                self(batch)
+                self._store_missing(batch)  # written, not read back
                 done += len(batch)
                 batch = []
                 progress(done)
         if batch:
-            self(batch)
+            self._store_missing(batch)
             done += len(batch)
             progress(done)
         return done
