@@ -116,3 +116,26 @@ def test_progress_callback_and_cancel(tmp_path, tiny_sam):
         server.close()
     assert path.read_bytes() == body
     assert seen[-1] == (len(body), len(body)) and all(t == len(body) for _, t in seen)
+
+
+def test_download_through_a_pipe_prints_only_its_result(tmp_path, tiny_sam):
+    """The Slicer module runs the download as a child whose output goes to a pipe it reads only once
+    the child exits (UltraSamSlicerLib.engine.start_download): no progress bar may fill that pipe."""
+    import subprocess
+    import sys
+
+    from ultrasam.client import child_environment
+
+    source = tmp_path / "served.pth"
+    save_ultrasam_checkpoint(tiny_sam.state_dict(), source)
+    server = _Server(source.read_bytes())
+    cache = tmp_path / "cache"
+    try:
+        completed = subprocess.run(
+            [sys.executable, "-m", "ultrasam.cli", "download", "--cache-dir", str(cache), "--url", server.url],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=child_environment(), timeout=120)
+    finally:
+        server.close()
+    assert completed.returncode == 0, completed.stdout
+    assert completed.stdout.strip() == str(cache / OFFICIAL_NAME)

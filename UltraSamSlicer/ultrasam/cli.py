@@ -304,7 +304,9 @@ def _run_info(args: argparse.Namespace) -> int:
 def _run_download(args: argparse.Namespace) -> int:
     from ultrasam.download import OFFICIAL_URL, download_official_weights
 
-    print(download_official_weights(args.cache_dir, url=args.url or OFFICIAL_URL))
+    # A progress bar only on a terminal: the Slicer module reads this child's output through a pipe
+    # after it exits (a bar would fill the pipe and block the download), and shows the file's size.
+    print(download_official_weights(args.cache_dir, url=args.url or OFFICIAL_URL, progress=sys.stderr.isatty()))
     return 0
 
 
