@@ -22,6 +22,8 @@ from UltraSamSlicerLib.models import ModelSettings
 
 __all__ = ["EngineConnection", "ServerError", "ServerGone", "shared_engine"]
 
+REMOTE_CHECK_S = 5.0  # longest wait for a remote server's /info (on Slicer's main thread)
+
 
 def serve_arguments(settings: ModelSettings) -> list[str]:
     """``ultrasam serve`` options for the module's model settings (raises FileNotFoundError)."""
@@ -59,7 +61,8 @@ class EngineConnection:
             return self._client
         if settings.server_url:
             client = Client(settings.server_url, settings.server_token or None)
-            self.description = f"{client.check_version()['model']} at {client.url}"
+            # A short wait: this runs on Slicer's main thread, and a remote host may be down.
+            self.description = f"{client.check_version(timeout=REMOTE_CHECK_S)['model']} at {client.url}"
             self._client = client
             return client
         return self._local_client(settings)

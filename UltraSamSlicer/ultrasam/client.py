@@ -86,12 +86,12 @@ class Client:
             raise ServerError(f"UltraSam server: {answer.get('error', answer)}", response.status)
         return answer
 
-    def info(self) -> dict:
-        return self.request("GET", "/info")
+    def info(self, timeout: float | None = None) -> dict:
+        return self.request("GET", "/info", timeout=timeout)
 
-    def check_version(self) -> dict:
+    def check_version(self, timeout: float | None = None) -> dict:
         """The server's info; ServerError saying what to upgrade when it speaks another protocol."""
-        info = self.info()
+        info = self.info(timeout)
         if info.get("protocol") != PROTOCOL:
             older = "server" if info.get("protocol", 0) < PROTOCOL else "UltraSamSlicer extension (or client)"
             raise ServerError(f"the server at {self.url} runs UltraSam {info.get('version')} (protocol "
