@@ -248,7 +248,8 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
             return f"Connected: {engine.description}" if engine.description else f"Remote server {settings.server_url}"
         try:
             path = settings.checkpoint_path()
-        except (FileNotFoundError, ImportError) as error:  # ImportError: packages not installed yet
+        except (FileNotFoundError, ImportError, ValueError) as error:  # ImportError: packages not installed yet;
+            # ValueError: a LiteMedSAM file whose sha256 differs (the message says how to reinstall it)
             return str(error)
         if engine.description:
             return f"Loaded: {engine.description}"

