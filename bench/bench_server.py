@@ -35,6 +35,7 @@ from ultrasam.atomic import write_text_atomic
 from ultrasam.checkpoint import load_model
 from ultrasam.client import LocalServer, VolumeUpload
 from ultrasam.geometry import Geometry, Volume
+from ultrasam.precision import cpu_description
 from ultrasam.predictor import Predictor
 from ultrasam.prompts3d import VolumePrompts
 from ultrasam.resources import SAMPLE_VOLUME, SHIPPED_MODEL
@@ -79,7 +80,7 @@ def main() -> int:
         server.stop()
 
     figures = {
-        "device": args.device, "cpu": cpu_name(), "python": platform.python_version(),
+        "device": args.device, "cpu": cpu_description()[0], "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
         "click_in_process_ms": round(statistics.median(in_process_ms), 2),
         "click_server_ms": round(statistics.median(served_ms), 2),
@@ -137,14 +138,6 @@ def upload(client, voxels: np.ndarray) -> dict:
     return {"megabytes": round(voxels.nbytes / 1e6, 1), "compressed_mb": round(len(body) / 1e6, 1),
             "compress_s": round(compress_s, 2), "steps": len(steps_ms), "upload_s": round(sum(steps_ms) / 1000, 2),
             "longest_step_ms": round(max(steps_ms), 1)}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as file:
-            return next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Layouts recognised:
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import zipfile
 from dataclasses import asdict, dataclass, field
