@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Mapping
 from importlib import metadata
@@ -221,16 +222,12 @@ def _add_serve(commands) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    import os
     import secrets
 
     from ultrasam.server import Engine, Limits, check_binding, serve
     from ultrasam.volume_embeddings import GIB, VolumeEmbeddingCache
 
-    token = os.environ.get("ULTRASAM_TOKEN") or None
-    if args.token_file:
-        with open(args.token_file, encoding="utf-8") as file:
-            token = file.read().strip() or None
+    token = _token(args)
     if args.new_token:
         token = secrets.token_urlsafe(24)
         print(f"token: {token}", flush=True)
@@ -331,15 +328,21 @@ def _server_segmenter(args: argparse.Namespace, span: dict | None = None):
     if args.window or args.checkpoint:
         raise ValueError("--window and --checkpoint do not apply with --server: the server chooses the window and "
                          "runs the model it was started with")
-    token = None
-    if args.token_file:
-        with open(args.token_file, encoding="utf-8") as file:
-            token = file.read().strip()
-    client = Client(args.server, token)
+    client = Client(args.server, _token(args))
     print(f"model: {client.check_version()['model']} at {client.url}", file=sys.stderr)
     rules = dataclasses.asdict(_stop_rules(args))
     return lambda volume, prompts, axis: segment_on_server(client, volume, prompts, axis_index(axis), args.propagate,
                                                            rules, span)
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The server token: --token-file's content, else $ULTRASAM_TOKEN; None when neither holds one."""
+    from ultrasam.client import TOKEN_ENV
+
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as file:
+            return file.read().strip() or None
+    return os.environ.get(TOKEN_ENV) or None
 
 
 def _print_warnings(report: dict) -> None:
