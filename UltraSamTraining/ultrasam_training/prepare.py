@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ultrasam.resize import fix_scale_size, resize_bilinear
 from ultrasam_data.coco import DataError, Problem
 from ultrasam_training.prompts import Prompts, fixed_prompts, sample_prompts
 
@@ -62,17 +63,10 @@ class PrepareOptions:
     low_res_size: int = 0
 
 
-def resized_hw(height: int, width: int, image_size: int) -> tuple[int, int]:
-    """UltraSam's resize: long side to ``image_size``, sides truncated (958x533 -> 1023x569 at 1024)."""
-    scale = image_size / max(height, width)
-    return int(height * scale), int(width * scale)
-
-
 def resize_image(image: torch.Tensor, image_size: int) -> torch.Tensor:
-    """(3, H, W) uint8 -> (3, h, w) uint8, long side ``image_size`` (:func:`resized_hw`), bilinear."""
-    size = resized_hw(image.shape[1], image.shape[2], image_size)
-    resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)
-    return resized[0].round().clamp(0, 255).to(torch.uint8)
+    """(3, H, W) uint8 -> (3, h, w) uint8, long side ``image_size`` (UltraSam's truncated sizes), bilinear."""
+    size = fix_scale_size(image.shape[1], image.shape[2], image_size)
+    return resize_bilinear(image[None], size)[0].to(torch.uint8)
 
 
 def prepare(sample: Any, options: PrepareOptions, generator: torch.Generator) -> Item:

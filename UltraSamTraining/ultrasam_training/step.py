@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import nn
 
-from ultrasam.model_input import normalise
+from ultrasam.model_input import encoder_input
 
 from ultrasam_training.config import LossConfig
 from ultrasam_training.losses import sam_loss
@@ -42,11 +41,7 @@ def encode(model: Sam, images: Sequence[torch.Tensor], autocast_dtype: torch.dty
     """(3, h, w) uint8 images -> (B, C, g, g) float32 embeddings; the model's normalisation, then
     zero padding to its S x S input (SAM's ``preprocess`` for SAM-normalised models)."""
     device = model.pixel_mean.device
-    size = model.image_encoder.img_size
-    batch = torch.cat([
-        F.pad(normalise(model, image.to(device).float()[None]), (0, size - image.shape[2], 0, size - image.shape[1]))
-        for image in images
-    ])
+    batch = torch.cat([encoder_input(model, image.to(device).float()[None]) for image in images])
     context = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with context:
         return model.image_encoder(batch).float()
