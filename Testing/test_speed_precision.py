@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from ultrasam.device import autocast_for
 from ultrasam.predictor import Predictor
 from ultrasam.precision import BF16_MARGIN, encoder_key, encoder_timer, machine_key, resolve_precision
 
@@ -76,6 +77,17 @@ def test_explicit_precisions_are_kept_and_bad_names_refused(tiny_sam, tmp_path):
     assert timer.calls == [] and not (tmp_path / "c.json").exists()
     with pytest.raises(ValueError, match="precision must be one of"):
         resolve_precision("fp16", CPU, tiny_sam.image_encoder, timer)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Predictor(tiny_sam, device="cpu", precision="fp16")
+
+
+def test_autocast_is_bf16_only_when_asked_and_refuses_an_unresolved_auto():
+    with autocast_for(CPU, "bfloat16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with autocast_for(CPU, "float32"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with pytest.raises(ValueError, match="resolve 'auto' first"):
+        autocast_for(CPU, "auto")
 
 
 def test_the_real_timer_runs_the_encoder_up_to_its_first_global_block(tiny_sam):

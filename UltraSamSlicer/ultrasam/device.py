@@ -33,22 +33,26 @@ def choose_device(requested: str | torch.device = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
-    """The image encoder's numeric mode: bf16 autocast for "bfloat16" (CUDA or CPU), none for "float32".
-
-    "auto" here means bf16 on CUDA GPUs that support it and fp32 elsewhere; the predictor resolves
-    "auto" on a CPU by timing the encoder first (:func:`ultrasam.precision.resolve_precision`),
-    because the CPU's flags do not tell whether bf16 pays (docs/BENCHMARKS.md).
-    """
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else a ValueError naming them."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "float32" or device.type not in ("cuda", "cpu"):
+    return precision
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The image encoder's numeric mode for a resolved precision: bf16 autocast for "bfloat16" on
+    CUDA GPUs that support it and on CPUs, none for "float32" or elsewhere.
+
+    "auto" is refused: :func:`ultrasam.precision.resolve_precision` turns it into one of the two
+    (on a CPU by timing the encoder, because the CPU's flags do not tell whether bf16 pays).
+    """
+    if precision not in ("float32", "bfloat16"):
+        raise ValueError(f"autocast needs 'float32' or 'bfloat16', got {precision!r}: resolve 'auto' first")
+    bf16_runs = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if precision == "float32" or not bf16_runs:
         return contextlib.nullcontext()
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and precision == "bfloat16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def configure_device(device: str | torch.device, threads: int | None = None) -> None:

@@ -198,7 +198,7 @@ class WarmCompiled:
         examples: (args, kwargs) pairs to warm, e.g. ``[((x1,), {}), ((x16,), {})]`` for the encoder
             with (1, 3, 1024, 1024) and (16, 3, 1024, 1024) inputs: one click, one volume batch.
         device: where the module's parameters are.
-        precision: "auto", "float32" or "bfloat16": warm-up and calls run under
+        precision: "float32" or "bfloat16" (resolved): warm-up and calls run under
             ``ultrasam.device.autocast_for(device, precision)``, as the predictor runs the
             encoder (the decoder runs in "float32").
         background: warm on a thread (default) or block until warm.
@@ -213,7 +213,7 @@ class WarmCompiled:
         module: nn.Module,
         examples: Sequence[Tuple[tuple, dict]],
         device: Union[str, torch.device],
-        precision: str = "auto",
+        precision: str = "float32",
         background: bool = True,
         **compile_kwargs,
     ) -> None:

@@ -23,7 +23,7 @@ from segment_anything.modeling.image_encoder import ImageEncoderViT
 from torch import nn
 
 from ultrasam.atomic import write_text_atomic
-from ultrasam.device import PRECISIONS, autocast_for
+from ultrasam.device import autocast_for, check_precision
 from ultrasam.user_cache import cache_dir
 
 CACHE_NAME = "cpu_precision.json"
@@ -45,9 +45,7 @@ def resolve_precision(precision: str, device: torch.device, encoder: nn.Module, 
         encoder: the image encoder as it will run (fused attention already applied), on ``device``.
         timer: seconds of one encoder run in a precision; default :func:`encoder_timer`.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision != "auto":
+    if check_precision(precision) != "auto":
         return precision
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"

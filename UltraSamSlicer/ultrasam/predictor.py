@@ -33,15 +33,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from segment_anything.modeling import Sam
 
-from ultrasam.device import autocast_for, choose_device, configure_device
+from ultrasam.device import autocast_for, check_precision, choose_device, configure_device
 from ultrasam.fast_attention import WarmCompiled, accelerate_image_encoder, accelerate_mask_decoder
-from ultrasam.model_input import normalise
+from ultrasam.model_input import encoder_input
 from ultrasam.precision import resolve_precision
-from ultrasam.resize import fix_scale_size, resize_like_mmdet
+from ultrasam.resize import fix_scale_size, resize_bilinear, resize_like_mmdet
 
 
 @dataclass(frozen=True)
@@ -174,8 +173,7 @@ class Predictor:
                  compile_decoder: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        autocast_for(torch.device("cpu"), precision)  # validates the name
-        self.precision = precision
+        self.precision = check_precision(precision)
         self._encoder_precision: str | None = None
         self.device = choose_device(device)
         configure_device(self.device)
@@ -282,22 +280,17 @@ class Predictor:
         """(H, W[, 3]) uint8 -> (1, 3, S, S) normalised, padded model input and its (h, w)."""
         image = _as_rgb_uint8(image)
         size = self.input_size(*image.shape[:2])
-        resized = self._resize(image, size)
-        normalised = normalise(self.model, resized)
-        padded = F.pad(normalised, (0, self.image_size - size[1], 0, self.image_size - size[0]))
-        return padded, size
+        return encoder_input(self.model, self._resize(image, size)), size
 
     def _resize(self, image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
         """(H, W, 3) uint8 -> (1, 3, h, w) float holding 8-bit values, as each reference resizes."""
         if self.rules.resize == "training":  # as ultrasam_training.prepare, computed on the device
-            pixels = torch.from_numpy(np.require(image, requirements=["C", "W"])).to(self.device).permute(2, 0, 1)[None]
-            resized = F.interpolate(pixels.float(), size=size, mode="bilinear", align_corners=False)
-            return resized.round_().clamp_(0, 255)
+            return resize_bilinear(_as_tensor(image, self.device), size)
         if self.rules.resize == "mmdet":
             resized = resize_like_mmdet(image, size)
         else:  # SamPredictor: PIL's bilinear (antialiased)
             resized = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
-        return torch.from_numpy(np.require(resized, requirements=["C", "W"])).to(self.device).permute(2, 0, 1)[None].float()
+        return _as_tensor(resized, self.device).float()
 
     def _content_key(self, image: np.ndarray) -> str:
         digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16)
@@ -394,6 +387,11 @@ def _refine_box(mask: np.ndarray, scale_xy: np.ndarray) -> np.ndarray | None:
         return None
     edges = np.array([columns[0], rows[0], columns[-1] + 1, rows[-1] + 1], dtype=np.float64)
     return edges - 0.5 / np.tile(scale_xy, 2)
+
+
+def _as_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(H, W, 3) array -> (1, 3, H, W) tensor of the same dtype on ``device``."""
+    return torch.from_numpy(np.require(image, requirements=["C", "W"])).to(device).permute(2, 0, 1)[None]
 
 
 def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
