@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench"), str(REPO / "UltraSamSlicer"), str(REPO / "UltraSamTraining")]
 
 from ultrasam.atomic import write_text_atomic  # noqa: E402
-from ultrasam_training.launch import process_tree  # noqa: E402
+from ultrasam_training.launch import process_tree, signal_tree  # noqa: E402
 
 BUNDLED_VOLUME = REPO / "UltraSamSlicer" / "ultrasam" / "data" / "RESECT_Case3.nii.gz"
 CARRIED_VOLUME = REPO / "carry" / "Case3_uint8.npz"
@@ -250,12 +250,8 @@ def run_step(command: list[str], timeout_s: float, log: Path) -> tuple[str, floa
 
 
 def kill_tree(pid: int) -> None:
-    """SIGKILL to ``pid`` and all its descendants, also those in sessions of their own (torchrun's workers)."""
-    for member in process_tree(pid):
-        try:
-            os.kill(member, signal.SIGKILL)
-        except OSError:
-            pass
+    """SIGKILL to ``pid``'s process group and all its descendants."""
+    signal_tree(pid, process_tree(pid), signal.SIGKILL)
 
 
 def _child_env() -> dict:

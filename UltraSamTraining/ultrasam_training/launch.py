@@ -139,11 +139,11 @@ def stop(run_dir: str | Path, grace_s: float = 5.0) -> None:
         subprocess.run(["scancel", job["job_id"]], check=False)
         return
     tree = process_tree(job["pid"])
-    _signal_tree(job["pid"], tree, signal.SIGTERM)
+    signal_tree(job["pid"], tree, signal.SIGTERM)
     deadline = time.time() + grace_s
     while time.time() < deadline and any(_pid_alive(pid) for pid in tree):
         time.sleep(0.05)
-    _signal_tree(job["pid"], tree, getattr(signal, "SIGKILL", signal.SIGTERM))
+    signal_tree(job["pid"], tree, getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
 def process_tree(pid: int) -> list[int]:
@@ -262,8 +262,10 @@ def _pid_alive(pid: int) -> bool:
     return not Path("/proc").is_dir()
 
 
-def _signal_tree(root: int, tree: list[int], sig: int) -> None:
-    """Send ``sig`` to the root's process group and to every known descendant (some may start their own)."""
+def signal_tree(root: int, tree: list[int], sig: int) -> None:
+    """Send ``sig`` to the root's process group and to every process of ``tree`` (:func:`process_tree`,
+    taken before the first signal: descendants may have started sessions of their own, as torchrun's
+    workers do)."""
     if os.name == "nt":
         subprocess.run(["taskkill", "/T", "/F", "/PID", str(root)], capture_output=True, check=False)
         return
