@@ -96,11 +96,7 @@ class OpenSession:
     embed: Run | None = None
     versions: dict[int, np.ndarray] = field(default_factory=dict)
     version: int = 0
-    axis: int = 0  # the axis of the latest result: masks travel as its slices
-    summary: str = ""
-    propagated: bool = False
-    rows: list = field(default_factory=list)  # the latest result's per-slice report rows
-    warnings: list = field(default_factory=list)  # the latest result's (ultrasam.content_checks)
+    result: object = None  # the latest run's ultrasam.session.SessionResult; its mask is versions[version]
 
 
 @dataclass
@@ -261,8 +257,9 @@ class Engine:
             self._keep_result(opened, run.future.result())
             run.collected = True
             self._embed_ahead(opened)
-        return {"state": "done", "version": opened.version, "summary": opened.summary, "axis": opened.axis,
-                "propagated": opened.propagated, "slices": opened.rows, "warnings": opened.warnings,
+        result = opened.result
+        return {"state": "done", "version": opened.version, "summary": result.summary(), "axis": result.axis,
+                "propagated": result.propagated, "slices": result.rows, "warnings": result.warnings,
                 "masks": self._changes(opened, base)}
 
     def mask(self, session_id: str) -> dict:
@@ -323,16 +320,12 @@ class Engine:
     def _keep_result(self, opened: OpenSession, result) -> None:
         opened.version += 1
         opened.versions = {opened.version - 1: opened.versions.get(opened.version - 1),
-                           opened.version: result.mask.astype(np.uint8)}
-        from ultrasam.batch import slice_rows
-
-        opened.axis = result.axis
-        opened.summary, opened.propagated, opened.warnings = result.summary(), result.propagated, result.warnings
-        opened.rows = slice_rows(result.slices, float(np.prod(opened.session.slices().pixel_spacing)))
+                           opened.version: np.asarray(result.mask, np.uint8)}
+        opened.result = result
 
     def _changes(self, opened: OpenSession, base: int | None) -> dict:
         current = opened.versions[opened.version]
-        axis = opened.axis
+        axis = opened.result.axis if opened.result is not None else 0  # masks travel as the result's slices
         previous = opened.versions.get(base) if base is not None else None
         if previous is None:
             indices = range(current.shape[axis])

@@ -78,6 +78,7 @@ class SessionResult:
         slices: per-slice reports (slice indices in the full volume).
         propagated: whether walks ran (False: key slices only).
         warnings: what the user should look at again (:func:`ultrasam.content_checks.result_warnings`).
+        rows: ``slices`` as JSON-ready report rows (:func:`ultrasam.batch.slice_rows`).
     """
 
     mask: np.ndarray
@@ -85,6 +86,7 @@ class SessionResult:
     slices: list[SliceResult] = field(default_factory=list)
     propagated: bool = False
     warnings: list[str] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line for the status bar: slices segmented and why walks stopped."""
@@ -204,4 +206,4 @@ class SegmentationSession:
         warnings = self.volume_warnings + result_warnings(slices, rows, result.masks(), self.rules.min_iou,
                                                           self._blank)
         return SessionResult(slices.to_volume(result.masks()), self.axis, list(result.slices.values()), propagate,
-                             warnings)
+                             warnings, rows)
