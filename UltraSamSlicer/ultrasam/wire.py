@@ -29,6 +29,7 @@ import numpy as np
 PROTOCOL = 2  # bumped when a request or answer changes shape; client and server must agree
 MAGIC = b"USV1"
 VOXEL_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+_PROBE_BYTES = 1 << 20  # the first MiB decides whether the rest is worth compressing
 
 
 class WireError(ValueError):
@@ -58,12 +59,16 @@ def encode_chunk(flat_voxels: np.ndarray, offset: int, count: int, level: int = 
 
 def _encode(header: dict, flat: np.ndarray, level: int) -> bytes:
     """``level`` 1: zlib's fastest; voxels whose first MiB does not compress (noise, most float
-    data) are stored (level 0), 10x faster."""
+    data) are stored (level 0), 10x faster. That first MiB is compressed once: when it compresses,
+    its output (flushed to a byte boundary) starts the stream that goes on with the rest."""
     raw = np.ascontiguousarray(flat).view(np.uint8)
-    if level and len(zlib.compress(raw[:1 << 20].data, level)) > 0.9 * min(raw.size, 1 << 20):
-        level = 0
     data = json.dumps(header).encode()
-    return MAGIC + struct.pack("<I", len(data)) + data + zlib.compress(raw.data, level)
+    start = MAGIC + struct.pack("<I", len(data)) + data
+    stream = zlib.compressobj(level)
+    head = stream.compress(raw[:_PROBE_BYTES].data) + stream.flush(zlib.Z_SYNC_FLUSH)
+    if level and len(head) > 0.9 * min(raw.size, _PROBE_BYTES):
+        return start + zlib.compress(raw.data, 0)
+    return start + head + stream.compress(raw[_PROBE_BYTES:].data) + stream.flush()
 
 
 def decode_volume(body: bytes, max_voxel_bytes: int) -> tuple[dict, np.ndarray]:
