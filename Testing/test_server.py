@@ -276,6 +276,19 @@ def _ready(engine, settings, timeout: float = 120.0):
     raise AssertionError(f"the server did not start: {engine.local.log_tail()}")
 
 
+def test_volumes_past_the_first_mib_travel_exactly_compressed_when_it_pays_and_stored_when_not():
+    rng = np.random.default_rng(0)
+    smooth = (np.indices((24, 256, 256)).sum(axis=0) % 256).astype(np.uint8)  # 1.5 MiB, compresses well
+    noise = rng.integers(0, 256, (24, 256, 256), dtype=np.uint8)  # does not compress
+    for voxels, most_bytes in ((smooth, smooth.nbytes // 10), (noise, noise.nbytes + 1024)):
+        body = encode_volume(voxels, *identity_geometry())
+        header_end = 8 + int.from_bytes(body[4:8], "little")
+        assert zlib.decompress(body[header_end:]) == voxels.tobytes()  # one valid zlib stream
+        np.testing.assert_array_equal(decode_volume(body, 1 << 30)[1], voxels)
+        assert len(body) <= most_bytes
+    assert len(encode_volume(noise, *identity_geometry())) >= noise.nbytes  # stored, not deflated
+
+
 def test_urllib_plain_clients_can_read_info(server):
     # Any HTTP client will do (curl, a browser): the info answer is plain JSON.
     request = urllib.request.Request(server.client.url + "/info",
