@@ -19,18 +19,23 @@ def _tiny_checkpoint(path):
                                                                for k, v in TINY_SAM.items()})))
 
 
+def _frozen_run(tmp_path, start, cache, name: str, steps: int, *launcher: str) -> list[dict]:
+    """A frozen-encoder run from ``start`` on the US-43d sample (8 training images, flipped; 2 to validate)."""
+    config = tiny_config(tmp_path / name, steps=steps)
+    config["data"] = {"train": config["data"]["train"], "val_fraction": 0.2, "flip": True}
+    config["model"] = {"init": "checkpoint", "checkpoint": str(start), "frozen_encoder": True,
+                       "embedding_cache": str(cache)}
+    run_module(*(launcher or ("ultrasam_training",)), "train", str(write_config(tmp_path / f"{name}.json", config)))
+    return read_records(tmp_path / name / "metrics.jsonl")
+
+
 def test_frozen_encoder_trains_only_the_decoder_from_a_cache_filled_once(tmp_path):
     shared_path("us43d_sample", "sample_coco_MMOTU2D.json")
     start = _tiny_checkpoint(tmp_path / "start.pth")
     cache = tmp_path / "cache"
 
     def run(name: str, steps: int):
-        config = tiny_config(tmp_path / name, steps=steps)
-        config["data"] = {"train": config["data"]["train"], "val_fraction": 0.2, "flip": True}
-        config["model"] = {"init": "checkpoint", "checkpoint": str(start), "frozen_encoder": True,
-                           "embedding_cache": str(cache)}
-        run_module("ultrasam_training", "train", str(write_config(tmp_path / f"{name}.json", config)))
-        return read_records(tmp_path / name / "metrics.jsonl")
+        return _frozen_run(tmp_path, start, cache, name, steps)
 
     first = run("first", steps=12)
     embedded = [r for r in first if r["kind"] == "embedded"]
@@ -43,6 +48,18 @@ def test_frozen_encoder_trains_only_the_decoder_from_a_cache_filled_once(tmp_pat
     assert all(torch.equal(before[name], after[name]) for name in encoder)
     assert not torch.equal(before["mask_decoder.iou_token.weight"], after["mask_decoder.iou_token.weight"])
     assert [r["step"] for r in first if r["kind"] == "val"] == [12]
+
+
+def test_two_processes_split_the_embedding_between_them(tmp_path):
+    shared_path("us43d_sample", "sample_coco_MMOTU2D.json")
+    start = _tiny_checkpoint(tmp_path / "start.pth")
+    records = _frozen_run(tmp_path, start, tmp_path / "cache", "pair", 2,
+                          "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ultrasam_training")
+    embedded = [r for r in records if r["kind"] == "embedded"]
+    # rank 0: 4 training images and their mirrors, then the 2 validation images; rank 1: the other 4 and mirrors
+    assert [(r["encoded"], r["per_rank"]) for r in embedded] == [(18, [10, 8])]
+    assert len(list((tmp_path / "cache").glob("*/*.pt"))) == 18
+    assert [r["kind"] for r in records].count("done") == 1
 
 
 def test_cache_returns_the_encoder_output_and_encodes_each_image_once(tmp_path):

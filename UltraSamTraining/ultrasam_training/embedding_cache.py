@@ -83,10 +83,13 @@ class EmbeddingCache:
             encoder.train(was_training)
 
 
-def training_images(samples: Sequence, image_size: int, flip: bool) -> Iterable[torch.Tensor]:
+def training_images(samples: Sequence, image_size: int, flip: bool,
+                    shard: tuple[int, int] = (0, 1)) -> Iterable[torch.Tensor]:
     """Each sample's model-input image, and its horizontal mirror when training flips (as
-    :func:`ultrasam_training.prepare.prepare` makes them)."""
-    for index in range(len(samples)):
+    :func:`ultrasam_training.prepare.prepare` makes them); with ``shard`` (rank, world) only every
+    world-th sample from the rank-th."""
+    rank, world = shard
+    for index in range(rank, len(samples), world):
         try:
             sample = samples[index]
         except DataError:

@@ -165,7 +165,8 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
         # Opened with the log open, so a refusal of the data reaches metrics.jsonl (and the Slicer module).
         train_set, val_set = _prepared_datasets(config, sam.image_encoder.img_size,
                                                 sam.prompt_encoder.mask_input_size[0], procs, log)
-        embed = _embedding_cache(config, sam, autocast, train_set, val_set, log) if config.model.frozen_encoder else None
+        frozen = config.model.frozen_encoder
+        embed = _embedding_cache(config, sam, autocast, train_set, val_set, procs, log) if frozen else None
         net = TrainingModel(sam, config.loss, config.prompts.refine, autocast, embed)
         if dist.is_initialized():
             # Unused per step: the negative-point embedding, and mask heads no object was closest with.
@@ -233,21 +234,27 @@ def _prepared_datasets(config: TrainConfig, image_size: int, low_res_size: int, 
     return train_set, PreparedDataset(val_samples, val_options)
 
 
-def _embedding_cache(config: TrainConfig, sam, autocast, train_set, val_set, log) -> EmbeddingCache:
+def _embedding_cache(config: TrainConfig, sam, autocast, train_set, val_set, procs: Processes, log) -> EmbeddingCache:
     """The frozen encoder's store, filled before the first step: every training image (and its
-    mirror when training flips), then every validation image. Each rank fills it (they share files)."""
+    mirror when training flips), then every validation image. The ranks share the files and split
+    the training images between them; the first step waits until every rank has filled its share."""
     folder = config.model.embedding_cache or str(Path(config.output_dir) / EMBEDDINGS_DIR)
     # On a CPU one image at a time is fastest (TinyViT, 2 threads: 1.0 s/image alone, 1.5 s/image in
     # batches of 4); a GPU wants batches.
-    on_gpu = sam.pixel_mean.device.type == "cuda"
-    cache = EmbeddingCache(folder, sam, autocast, batch_size=8 if on_gpu else 1)
+    device = sam.pixel_mean.device
+    cache = EmbeddingCache(folder, sam, autocast, batch_size=8 if device.type == "cuda" else 1)
     size = sam.image_encoder.img_size
-    images = [(train_set.samples, config.data.flip)] + ([(val_set.samples, False)] if val_set is not None else [])
     tick = time.time()
-    for samples, flip in images:
-        cache.fill(training_images(samples, size, flip))
+    cache.fill(training_images(train_set.samples, size, config.data.flip, shard=(procs.rank, procs.world)))
+    if val_set is not None:  # rank 0 alone validates
+        cache.fill(training_images(val_set.samples, size, False))
+    encoded = torch.zeros(procs.world, dtype=torch.long, device=device)
+    encoded[procs.rank] = cache.encoded
+    if dist.is_initialized():
+        dist.all_reduce(encoded)  # also waits for every rank's share
     if log:
-        log.write("embedded", 0, folder=str(cache.folder), encoded=cache.encoded, seconds=time.time() - tick)
+        log.write("embedded", 0, folder=str(cache.folder), encoded=int(encoded.sum()), per_rank=encoded.tolist(),
+                  seconds=time.time() - tick)
     return cache
 
 
