@@ -390,7 +390,6 @@ def create_app(engine: Engine, token: str | None = None):
         if expected is not None and not hmac.compare_digest(request.headers.get(TOKEN_HEADER, "").encode(), expected):
             return _error(401, "wrong or missing token: send 'Authorization: Bearer <token>' with the token the "
                                "server was started with")
-        engine.expire_idle()
         return await call_next(request)
 
     @app.exception_handler(ApiError)
@@ -526,8 +525,10 @@ def serve(engine: Engine, host: str, port: int, token: str | None, watch_stdin: 
         engine.shutdown()
 
 
-def _expire_idle_sessions(engine: Engine, every_s: float = 60.0) -> None:
-    """Idle sessions close even when no request comes to close them."""
+def _expire_idle_sessions(engine: Engine) -> None:
+    """Close idle sessions and uploads at most half their idle time late (and at most a minute),
+    whether requests come or not; a full session memory closes idle sessions at once (``_make_room``)."""
+    every_s = min(60.0, engine.limits.idle_seconds / 2)
     while True:
         time.sleep(every_s)
         engine.expire_idle()
