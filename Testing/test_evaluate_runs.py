@@ -9,7 +9,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from segment_anything import SamPredictor
 

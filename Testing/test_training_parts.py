@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
 from training_tiny import TINY_SAM

@@ -34,11 +34,11 @@ from tqdm.auto import tqdm
 
 from ultrasam.atomic import check_writable, write_text_atomic
 from ultrasam.content_checks import (SkipBlankSlices, blank_slices, check_volume_content,
-                                     refuse_blank_key_slices, result_warnings)
+                                     checked_key_prompts, result_warnings)
 from ultrasam.geometry import Volume
 from ultrasam.intensity import Window
 from ultrasam.predictor import Predictor
-from ultrasam.prompts3d import Roi, SliceBox, VolumePrompts, slice_prompts
+from ultrasam.prompts3d import Roi, SliceBox, VolumePrompts
 from ultrasam.propagation import Propagator, PropagationResult, SliceResult, StopRules
 from ultrasam.slicing import VolumeSlices
 from ultrasam.volume_embeddings import VolumeEmbeddingCache, VolumeSlicePredictor
@@ -85,11 +85,8 @@ def segment_volume(
         raise ValueError(f"{name}: no prompts; give at least one point, box or ROI")
     warnings = check_volume_content(volume)
     slices = VolumeSlices(volume, axis, window)
-    key_prompts = slice_prompts(slices, prompts)
-    if not key_prompts:
-        raise ValueError(f"{name}: the ROI(s) cross no slice of the volume along axis {slices.axis}")
     blank = blank_slices(slices)
-    refuse_blank_key_slices(key_prompts, blank, name)
+    key_prompts = checked_key_prompts(slices, prompts, blank, name)
     cache = cache or VolumeEmbeddingCache(predictor)
     lookahead = predictor.batch_size if predictor.device.type == "cuda" else 1
     slice_predictor = SkipBlankSlices(VolumeSlicePredictor(slices, cache), slices, blank)

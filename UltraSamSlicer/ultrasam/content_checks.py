@@ -8,7 +8,7 @@ wholly on zero-intensity background outside the ultrasound fan) come back as war
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Optional
 
 import numpy as np
@@ -16,6 +16,7 @@ import torch
 
 from ultrasam.geometry import Volume
 from ultrasam.predictor import Prediction, Prompt2D
+from ultrasam.prompts3d import VolumePrompts, slice_prompts
 from ultrasam.slicing import VolumeSlices
 
 BLANK_SLICE = "blank slice"  # the stop reason of a slice with one grey value
@@ -70,11 +71,21 @@ class SkipBlankSlices:
                           torch.full(self._logits_shape, -20.0))  # the logits of "nothing here"
 
 
-def refuse_blank_key_slices(keys: Iterable[int], blank: set[int], name: str) -> None:
+def checked_key_prompts(slices: VolumeSlices, prompts: VolumePrompts, blank: set[int], name: str) -> dict[int, Prompt2D]:
+    """``prompts`` on their key slices ({slice index: Prompt2D}, :func:`ultrasam.prompts3d.slice_prompts`).
+
+    Raises:
+        ValueError: the ROI(s) cross no slice along the axis, or a key slice is blank (one grey value).
+    """
+    keys = slice_prompts(slices, prompts)
+    if not keys:
+        raise ValueError(f"{name}: the ROI(s) cross no slice of the volume along {'kji'[slices.axis]}: "
+                         "move or resize them")
     blank_keys = sorted(set(keys) & blank)
     if blank_keys:
         raise ValueError(f"{name}: prompted slice(s) {blank_keys} are blank (a single grey value); nothing to "
                          "segment there, prompt a slice with image content")
+    return keys
 
 
 def result_warnings(slices: VolumeSlices, rows: list[dict], masks: Mapping[int, np.ndarray],

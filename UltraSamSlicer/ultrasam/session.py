@@ -24,10 +24,10 @@ import numpy as np
 
 from ultrasam.batch import slice_rows
 from ultrasam.content_checks import (SkipBlankSlices, blank_slices, check_volume_content,
-                                     refuse_blank_key_slices, result_warnings)
+                                     checked_key_prompts, result_warnings)
 from ultrasam.geometry import Volume
 from ultrasam.intensity import choose_window
-from ultrasam.prompts3d import VolumePrompts, slice_prompts
+from ultrasam.prompts3d import VolumePrompts
 from ultrasam.propagation import Propagator, SliceResult, StopRules
 from ultrasam.slicing import VolumeSlices
 from ultrasam.volume_embeddings import VolumeEmbeddingCache, VolumeSlicePredictor
@@ -185,10 +185,7 @@ class SegmentationSession:
         if prompts.is_empty():
             return SessionResult(np.zeros(self.volume.shape_kji, dtype=np.uint8), self.axis)
         slices = self.slices()
-        keys = slice_prompts(slices, prompts)
-        if not keys:
-            raise ValueError(f"the ROI crosses no slice of the volume along {'kji'[self.axis]}: move or resize it")
-        refuse_blank_key_slices(keys, self._blank, self.volume.name or "the volume")
+        keys = checked_key_prompts(slices, prompts, self._blank, self.volume.name or "the volume")
         span_range = span.bounds(sorted(keys), slices.num_slices) if propagate else None
         if self._propagator is None:
             predictor = SkipBlankSlices(self._make_predictor(slices), slices, self._blank)
