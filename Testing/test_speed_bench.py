@@ -54,3 +54,19 @@ def test_paths_take_turns_and_alternate_who_goes_first():
 
     assert order == [("reference", 0), ("engine", 0), ("engine", 1), ("reference", 1), ("reference", 2), ("engine", 2)]
     assert seconds == {"reference": [0.0, 1.0, 2.0], "engine": [0.0, 1.0, 2.0]}
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the GIL emulation needs usleep through ctypes.PyDLL (POSIX)")
+def test_gil_benchmark_reports_each_kind_of_run_as_held_over_alone(tmp_path):
+    import bench_gil
+    from ultrasam.resources import COMPACT_V1_MODEL
+
+    if not COMPACT_V1_MODEL.is_file():
+        pytest.skip("the compact-v1 model file is not installed")
+    figures = bench_gil.main(["--repeats", "1", "--json", str(tmp_path / "gil.json")])
+
+    assert json.loads((tmp_path / "gil.json").read_text()) == json.loads(json.dumps(figures))
+    assert set(figures["rows"]) == {"in-process worker thread, click", "through the client, click",
+                                    "through the client, 40-slice propagation"}
+    for row in figures["rows"].values():
+        assert row["ratio"] == pytest.approx(row["held_ms"] / row["alone_ms"], rel=0.01)

@@ -50,13 +50,13 @@ NEVER_STOP = {"min_iou": -10.0, "max_growth": 1e9}  # walks go to the slab's edg
 _usleep = ctypes.PyDLL(None).usleep  # POSIX: keeps the GIL while it sleeps
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=str(COMPACT_V1_MODEL))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5, help="runs of each kind, contended and not")
     parser.add_argument("--json", help="write the figures here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     slabs = Slabs(read_volume(SAMPLE_VOLUME))
     loaded = load_model(args.checkpoint)
@@ -84,7 +84,7 @@ def main() -> int:
                "checkpoint": args.checkpoint, "repeats": args.repeats, "rows": rows}
     if args.json:
         write_text_atomic(args.json, json.dumps(figures, indent=1))
-    return 0
+    return figures
 
 
 class Slabs:
@@ -151,4 +151,4 @@ def median_ratio(measure, repeats: int) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
