@@ -234,7 +234,8 @@ def _prepared_datasets(config: TrainConfig, image_size: int, low_res_size: int, 
     return train_set, PreparedDataset(val_samples, val_options)
 
 
-def _embedding_cache(config: TrainConfig, sam, autocast, train_set, val_set, procs: Processes, log) -> EmbeddingCache:
+def _embedding_cache(config: TrainConfig, sam, autocast, train_set, val_set, procs: Processes,
+                     log) -> EmbeddingCache:
     """The frozen encoder's store, filled before the first step: every training image (and its
     mirror when training flips), then every validation image. The ranks share the files and split
     the training images between them; the first step waits until every rank has filled its share."""
