@@ -115,9 +115,8 @@ def training(work: Path, dry_run: bool, volume: Path) -> dict:
     figures = bench_training.main([*sizes, "--json", str(work / "training.json")])
     from ultrasam.resources import SHIPPED_MODEL  # LiteMedSAM's architecture; its package does not travel
 
-    frozen = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--batch", "2", "--objects", "3"] \
-        if dry_run else ["--checkpoint", str(SHIPPED_MODEL), "--device", "cuda", "--steps", "10", "--warmup", "3",
-                         "--objects", "1"]
+    frozen = sizes if dry_run else ["--checkpoint", str(SHIPPED_MODEL), "--device", "cuda", "--steps", "10",
+                                    "--warmup", "3", "--objects", "1"]
     figures["frozen_encoder"] = bench_training.main([*frozen, "--frozen", "--json", str(work / "training_frozen.json")])
     return figures
 
