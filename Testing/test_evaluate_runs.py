@@ -6,9 +6,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from segment_anything import SamPredictor
 
@@ -19,6 +22,7 @@ from ultrasam.checkpoint import save_checkpoint
 from ultrasam.evaluation import dice, evaluate_images, evaluate_volume, inscribed_ellipse
 from ultrasam.evaluation_data import open_sources, read_volume_pair, volume_set
 from ultrasam.evaluation_report import markdown, summarise
+from ultrasam.predictor import Prediction
 from ultrasam.slicing import VolumeSlices
 from ultrasam_data.writer import CocoWriter
 
@@ -62,10 +66,33 @@ def test_a_perfect_model_scores_one_with_box_and_centroid_prompts(tmp_path):
     assert "nearest object pixel instead: Shapes 3 of 9." in markdown({"model": "oracle", "datasets": summary})
     boxes = [p.box_xyxy for p in oracle.prompts if p.box_xyxy is not None]
     truth_boxes = [edge_box(m) for s in samples for m in s.masks]
-    np.testing.assert_allclose(boxes, truth_boxes)
+    np.testing.assert_allclose(boxes[0::2], truth_boxes)  # each object's box, then its free box
+    for free, truth in zip(boxes[1::2], truth_boxes):  # the same size, clear of every object
+        np.testing.assert_allclose(free[2:] - free[:2], truth[2:] - truth[:2])
+    assert [(r["free_inside"], r["free_empty"]) for r in rows] == [(1.0, 1.0)] * 9  # nothing named, nothing drawn
     for row, sample_mask in zip(rows, (m for s in samples for m in s.masks)):
         assert row["ellipse_dice"] == pytest.approx(dice(inscribed_ellipse(edge_box(sample_mask), sample_mask.shape),
                                                          sample_mask))
+
+
+class _FirstObjectPredictor(OraclePredictor):
+    """Ignores its prompt: answers every prompt with the image's first object (the salient blob)."""
+
+    def predict(self, embedding, prompt, mask_input=None, refine=None):
+        first = self.truth[embedding.key][0].copy()
+        return Prediction(first, 0.95, torch.zeros(1, 1, 256, 256))
+
+
+def test_a_model_that_ignores_its_box_leaves_the_free_box():
+    labels = synthetic_labels()
+    image = np.random.default_rng(1).integers(0, 256, labels.shape, dtype=np.uint8)
+    masks = np.stack([labels == 1, labels == 2])
+    masks[0, :, 60:] = False  # the rectangle alone
+    sample = SimpleNamespace(image=image, masks=masks, boxes_xyxy=np.stack([edge_box(m) for m in masks]),
+                             dataset="Shapes", path=Path("shapes.png"))
+    rows = evaluate_images([sample], _FirstObjectPredictor([(image, masks)]), progress=False)
+    assert [(r["free_inside"], r["free_empty"]) for r in rows] == [(0.0, 0.0)] * 2
+    assert rows[1]["box_inside"] < 0.2  # the C shape's own box holds little of the first object
 
 
 def test_split_choice_and_limit(tmp_path):

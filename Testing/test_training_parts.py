@@ -48,6 +48,8 @@ def test_config_round_trip_and_errors(tmp_path):
         ({"data": {"train": ["a"]}}, "model.checkpoint"),
         ({"data": {"train": ["a"]}, "model": {"init": "scratch", "scratch": {"image_sise": 64}}}, "model.scratch"),
         ({"data": {"train": ["a"]}, "model": {"checkpoint": "w"}, "prompts": {"box_probability": 2.0}}, "box_prob"),
+        ({"data": {"train": ["a"]}, "model": {"checkpoint": "w"}, "prompts": {"free_box_probability": -0.1}},
+         "free_box_prob"),
     ]
     for values, message in bad:
         with pytest.raises(cfg.ConfigError, match=message):
@@ -130,6 +132,19 @@ def test_losses_against_torchvision_and_hand_values():
     parts = sam_loss(candidates, torch.tensor([[0.0, 0.25, 0.0]]), b.float(), cfg.LossConfig())
     assert parts["iou"].item() == pytest.approx(0.75 ** 2)
     assert parts["total"].item() == pytest.approx(20 * parts["focal"].item() + parts["dice"].item() + 0.5625)
+
+
+
+def test_an_empty_target_adds_no_dice_term_and_focal_still_pushes_its_mask_down():
+    target = torch.zeros(2, 8, 8)
+    target[0, 2:6, 2:6] = 1.0  # one object, one free box
+    logits = torch.full((2, 1, 8, 8), -1.0, requires_grad=True)
+    parts = sam_loss(logits, torch.ones(2, 1), target, cfg.LossConfig())
+    assert parts["dice"].item() == pytest.approx(dice_loss(logits[:1, 0], target[:1]).item())
+    parts["total"].backward()
+    assert (logits.grad[1] > 0).all()  # gradient descent lowers every logit of the empty target
+    alone = sam_loss(logits[1:].detach(), torch.ones(1, 1), target[1:], cfg.LossConfig())
+    assert alone["dice"].item() == 0.0
 
 
 def test_step_batches_cover_each_epoch_once_across_ranks():
@@ -273,3 +288,30 @@ def test_object_cap_draws_a_fresh_subset_per_sample_seed():
     dataset = PreparedDataset([sample], PrepareOptions(32, max_objects=2, prompt_kind="box", keep_masks=True))
     drawn = {tuple(sorted(int(m.any(dim=1).sum()) for m in dataset[(0, seed)].masks)) for seed in range(20)}
     assert drawn == {(1, 2), (1, 3), (2, 3)}
+
+
+def test_a_free_box_is_a_box_prompt_clear_of_every_object_with_an_empty_target():
+    masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+    masks[0, 5:20, 8:30] = True
+    masks[1, 40:60, 35:50] = True
+    sample = SimpleNamespace(image=torch.zeros(64, 64, 3, dtype=torch.uint8).numpy(), masks=masks.numpy(), dataset="d")
+    plain = PreparedDataset([sample], PrepareOptions(64, box_probability=0.5))
+    with_free = PreparedDataset([sample], PrepareOptions(64, box_probability=0.5, free_box_probability=1.0))
+    margin = 64 // 64
+    for seed in range(10):
+        before, item = plain[(0, seed)], with_free[(0, seed)]
+        assert len(item.target) == 3 and not item.target[2].any() and bool(item.prompts.is_box[2])
+        assert torch.equal(item.target[:2], before.target) and torch.equal(item.prompts.boxes_xyxy[:2], before.prompts.boxes_xyxy)
+        x0, y0, x1, y1 = item.prompts.boxes_xyxy[2].tolist()
+        c0, r0, c1, r1 = round(x0 + 0.5), round(y0 + 0.5), round(x1 - 0.5), round(y1 - 0.5)  # covered pixels
+        assert 0 <= c0 <= c1 < 64 and 0 <= r0 <= r1 < 64
+        assert not masks.any(dim=0)[max(0, r0 - margin):r1 + 1 + margin, max(0, c0 - margin):c1 + 1 + margin].any()
+        # half to all of an object's box side (at most 22 x 20 here)
+        assert 7 <= c1 - c0 + 1 <= 22 and 7 <= r1 - r0 + 1 <= 20
+
+
+def test_an_image_whose_objects_leave_no_room_gets_no_free_box():
+    masks = torch.ones(1, 32, 32, dtype=torch.bool)
+    sample = SimpleNamespace(image=torch.zeros(32, 32, 3, dtype=torch.uint8).numpy(), masks=masks.numpy(), dataset="d")
+    item = PreparedDataset([sample], PrepareOptions(32, free_box_probability=1.0))[(0, 0)]
+    assert len(item.target) == 1 and len(item.prompts.is_box) == 1

@@ -15,6 +15,11 @@ resolution, and scored against its ground-truth mask. Prompts, as UltraSam was t
 - **prompt-following** (``box_inside``): the share of the box prompt's predicted pixels that lie
   inside that box, on the model's own mask (nothing clipped); 1.0 for an empty mask. A model that
   answers with something else than what the box points at scores low whatever its Dice.
+- **free box** (``free_inside``, ``free_empty``): the object's box moved the shortest distance to
+  where it keeps 2 % of the image's long side from every object
+  (:func:`ultrasam.free_boxes.nearest_free_box`), then the share of its predicted pixels inside
+  it (1.0 for an empty mask) and whether the mask is empty. A model drawn to the object it was
+  moved off leaves the box. Absent (None) where no such place exists.
 - **3D**: one positive click at the centroid (same rule) of the structure's middle slice along the
   slicing axis, propagated through the volume by :func:`ultrasam.batch.segment_volume`; Dice and
   IoU over the whole volume.
@@ -30,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ultrasam.free_boxes import nearest_free_box
 from ultrasam.geometry import Volume
 from ultrasam.predictor import ImageEmbedding, Predictor, Prompt2D
 from ultrasam.prompts3d import VolumePrompts
@@ -95,9 +101,12 @@ def score_objects(masks: np.ndarray, boxes_xyxy: np.ndarray, predictor: Predicto
     Returns:
         One dict per object: ``ellipse_dice``, the point prompt ``point_xy`` and ``point_moved``
         (see :func:`centroid_point`), and with a model ``box_dice``, ``box_iou``, ``box_inside``
-        (:func:`share_inside_box`), ``point_dice``, ``point_iou``.
+        (:func:`share_inside_box`), ``point_dice``, ``point_iou``, ``free_inside`` and
+        ``free_empty`` (the free box: see the module docstring).
     """
     rows = []
+    objects = np.any(masks, axis=0) if len(masks) else None
+    margin = max(1, round(0.02 * max(masks.shape[1:]))) if len(masks) else 0
     for truth, box in zip(masks, boxes_xyxy):
         point, moved = centroid_point(truth)
         row = {"ellipse_dice": dice(inscribed_ellipse(box, truth.shape), truth), "point_xy": point.round(2).tolist(),
@@ -107,9 +116,18 @@ def score_objects(masks: np.ndarray, boxes_xyxy: np.ndarray, predictor: Predicto
             by_point = predictor.predict(embedding, Prompt2D(points_xy=[point], labels=[1])).mask
             row.update(box_dice=dice(by_box, truth), box_iou=iou(by_box, truth),
                        box_inside=share_inside_box(by_box, box), point_dice=dice(by_point, truth),
-                       point_iou=iou(by_point, truth))
+                       point_iou=iou(by_point, truth), **_free_box_scores(predictor, embedding, objects, box, margin))
         rows.append(row)
     return rows
+
+
+def _free_box_scores(predictor: Predictor, embedding: ImageEmbedding, objects: np.ndarray,
+                     box_xyxy: np.ndarray, margin: int) -> dict:
+    free = nearest_free_box(objects, box_xyxy, margin)
+    if free is None:
+        return {"free_inside": None, "free_empty": None}
+    mask = predictor.predict(embedding, Prompt2D(box_xyxy=free)).mask
+    return {"free_inside": share_inside_box(mask, free), "free_empty": float(not mask.any())}
 
 
 def evaluate_images(samples: Iterable, predictor: Predictor | None, total: int | None = None,

@@ -29,20 +29,27 @@ def _stats(values: list[float]) -> dict:
 def summarise(objects: list[dict], volumes: list[dict]) -> dict:
     """Per data set: ``kind``, ``n`` (objects or volumes), and mean/std of every score present.
 
-    Image data sets also get ``images`` and ``points_moved`` (centroids moved onto the mask).
+    Image data sets also get ``images``, ``points_moved`` (centroids moved onto the mask) and
+    ``free_boxes`` (objects whose box could be moved clear of every object; the free-box figures
+    are over those).
     """
     summary: dict[str, dict] = {}
-    for kind, rows, keys in (("images", objects, ("box_dice", "box_iou", "box_inside", "ellipse_dice", "point_dice", "point_iou")),
-                             ("volumes", volumes, ("dice3d", "iou3d"))):
+    image_keys = ("box_dice", "box_iou", "box_inside", "ellipse_dice", "point_dice", "point_iou",
+                  "free_inside", "free_empty")
+    for kind, rows, keys in (("images", objects, image_keys), ("volumes", volumes, ("dice3d", "iou3d"))):
         groups = defaultdict(list)
         for row in rows:
             groups[row["dataset"]].append(row)
         for name, members in groups.items():
             entry = {"kind": kind, "n": len(members)}
-            entry.update({key: _stats([r[key] for r in members]) for key in keys if key in members[0]})
+            for key in keys:  # a free box may fit nowhere (None): its figures are over those that fit
+                values = [r[key] for r in members if r.get(key) is not None]
+                if values:
+                    entry[key] = _stats(values)
             if kind == "images":
                 entry["images"] = len({r["image"] for r in members})
                 entry["points_moved"] = sum(bool(r["point_moved"]) for r in members)
+                entry["free_boxes"] = sum(r.get("free_inside") is not None for r in members)
             summary[name if name not in summary else f"{name} ({kind})"] = entry
     return summary
 
@@ -55,6 +62,10 @@ def _median(entry: dict, key: str) -> str:
     return f"{entry[key]['median']:.3f}" if key in entry else "–"
 
 
+def _share(entry: dict, key: str) -> str:
+    return f"{entry[key]['mean']:.2f} of {entry['free_boxes']}" if key in entry else "–"
+
+
 def markdown(results: dict) -> str:
     """Markdown tables of ``results["datasets"]`` (2D, then 3D), headed by the model."""
     datasets = results["datasets"]
@@ -63,10 +74,11 @@ def markdown(results: dict) -> str:
     volumes = {name: entry for name, entry in datasets.items() if entry["kind"] == "volumes"}
     if images:
         lines += ["| data set | objects | box Dice | ellipse-in-box Dice | box IoU | inside box (median) "
-                  "| point Dice | point IoU |",
-                  "|---|---:|---|---|---|---|---|---|"]
+                  "| point Dice | point IoU | free box: inside (median) | free box: empty |",
+                  "|---|---:|---|---|---|---|---|---|---|---|"]
         lines += [f"| {name} | {e['n']} | {_cell(e, 'box_dice')} | {_cell(e, 'ellipse_dice')} | {_cell(e, 'box_iou')} "
-                  f"| {_median(e, 'box_inside')} | {_cell(e, 'point_dice')} | {_cell(e, 'point_iou')} |"
+                  f"| {_median(e, 'box_inside')} | {_cell(e, 'point_dice')} | {_cell(e, 'point_iou')} "
+                  f"| {_median(e, 'free_inside')} | {_share(e, 'free_empty')} |"
                   for name, e in images.items()]
         lines.append("")
     if volumes:
@@ -79,7 +91,9 @@ def markdown(results: dict) -> str:
                   + ", ".join(moved) + ".", ""]
     lines.append("Mean ± standard deviation over objects (volumes for 3D). Ellipse-in-box: the ellipse "
                  "inscribed in the box prompt, no model. Inside box: median share of the box prompt's "
-                 "predicted pixels inside the box. Protocol: docs/EVALUATION.md.")
+                 "predicted pixels inside the box. Free box: each object's box moved to the nearest "
+                 "place clear of every object; the median share of its predicted pixels inside it, and "
+                 "the share of such boxes answered with an empty mask. Protocol: docs/EVALUATION.md.")
     return "\n".join(lines) + "\n"
 
 

@@ -60,13 +60,18 @@ def best_candidate(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Te
 def sam_loss(
     logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor, weights: LossConfig
 ) -> dict[str, torch.Tensor]:
-    """Weighted focal + dice + IoU MSE, averaged over objects; returns scalars by name and 'total'."""
+    """Weighted focal + dice + IoU MSE, averaged over objects (dice: over those with a non-empty
+    target); returns scalars by name and 'total'."""
     index, true_iou = best_candidate(logits, target)
     rows = torch.arange(len(index), device=index.device)
     chosen = logits[rows, index].float()
+    # Dice is undefined for an empty target (a free box): its smoothed form would reward only
+    # probabilities of exactly 0 over the whole grid. Focal and IoU supervise those objects alone.
+    has_object = target.flatten(1).any(dim=1)
+    dice = dice_loss(chosen[has_object], target[has_object]).sum() / has_object.sum().clamp(min=1)
     parts = {
         "focal": focal_loss(chosen, target, weights.focal_gamma, weights.focal_alpha).mean(),
-        "dice": dice_loss(chosen, target).mean(),
+        "dice": dice,
         "iou": F.mse_loss(iou_pred[rows, index].float(), true_iou[rows, index]),
     }
     parts["total"] = (

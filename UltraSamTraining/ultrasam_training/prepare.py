@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ultrasam.resize import fix_scale_size, resize_bilinear
 from ultrasam_data.coco import DataError, Problem
-from ultrasam_training.prompts import Prompts, fixed_prompts, sample_prompts
+from ultrasam_training.prompts import Prompts, fixed_prompts, random_free_box, sample_prompts, with_free_box
 
 
 @dataclass
@@ -50,7 +50,9 @@ class PrepareOptions:
     ``prompt_kind`` "random" draws training prompts (``box_probability``, ``box_jitter``);
     "box" or "point" gives the fixed evaluation prompts (exact box, mask centroid).
     ``low_res_size`` is the side of the model's low-resolution mask grid (``Sam.prompt_encoder.
-    mask_input_size``); 0 means SAM's ``image_size / 4``.
+    mask_input_size``); 0 means SAM's ``image_size / 4``. With "random" prompts, each image gets
+    with ``free_box_probability`` one more box, on tissue at least ``image_size / 64`` pixels from
+    any object, whose target is empty (:func:`ultrasam_training.prompts.random_free_box`).
     """
 
     image_size: int
@@ -61,6 +63,7 @@ class PrepareOptions:
     box_jitter: float = 0.05
     keep_masks: bool = False
     low_res_size: int = 0
+    free_box_probability: float = 0.0
 
 
 def resize_image(image: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -86,13 +89,20 @@ def prepare(sample: Any, options: PrepareOptions, generator: torch.Generator) ->
     size = tuple(image.shape[1:])
     masks = F.interpolate(masks[None].float(), size=size, mode="bilinear", align_corners=False)[0] >= 0.5
     masks = masks[masks.flatten(1).any(dim=1)]
+    target = low_res_target(masks, options.image_size, options.low_res_size or options.image_size // 4)
     if options.prompt_kind == "random":
         prompts = sample_prompts(masks, options.box_probability, options.box_jitter, generator)
+        if len(masks) and options.free_box_probability and bool(torch.rand(1, generator=generator)
+                                                                < options.free_box_probability):
+            free = random_free_box(masks, max(1, options.image_size // 64), generator)
+            if free is not None:
+                prompts = with_free_box(prompts, free)
+                target = torch.cat([target, torch.zeros_like(target[:1])])
     else:
         prompts = fixed_prompts(masks, options.prompt_kind)
     return Item(
         image=image,
-        target=low_res_target(masks, options.image_size, options.low_res_size or options.image_size // 4),
+        target=target,
         prompts=prompts,
         masks=masks if options.keep_masks else None,
         dataset=str(getattr(sample, "dataset", "")),

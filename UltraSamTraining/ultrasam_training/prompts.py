@@ -10,8 +10,11 @@ centres, and ``segment_anything``'s prompt encoder adds the +0.5 itself. A box i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+from ultrasam.free_boxes import corner_box, free_corners
 
 
 @dataclass
@@ -105,3 +108,30 @@ def fixed_prompts(masks: torch.Tensor, kind: str) -> Prompts:
         raise ValueError(f"prompt kind must be 'box' or 'point', got {kind!r}")
     is_box = torch.full((len(masks),), kind == "box", dtype=torch.bool, device=masks.device)
     return Prompts(is_box, centroid_points(masks), mask_boxes(masks))
+
+
+def random_free_box(masks: torch.Tensor, margin: int, generator: torch.Generator) -> Optional[torch.Tensor]:
+    """A box on tissue without an object, for (N, H, W) non-empty bool masks, or None where none fits.
+
+    Its size is a random object's box scaled by 0.5-1 (so negatives look like the positives), its
+    place uniform among those keeping ``margin`` pixels from every object pixel. Returns (4,) xyxy.
+    """
+    chosen = int(torch.randint(len(masks), (1,), generator=generator))
+    x0, y0, x1, y1 = mask_boxes(masks[chosen:chosen + 1])[0].tolist()
+    scale = 0.5 + 0.5 * float(torch.rand(1, generator=generator))
+    size = (max(1, round((y1 - y0) * scale)), max(1, round((x1 - x0) * scale)))
+    corners = free_corners(masks.any(dim=0).cpu().numpy(), size, margin)
+    if len(corners) == 0:
+        return None
+    corner = corners[int(torch.randint(len(corners), (1,), generator=generator))]
+    return torch.tensor(corner_box(corner, size), dtype=torch.float32)
+
+
+def with_free_box(prompts: Prompts, box_xyxy: torch.Tensor) -> Prompts:
+    """``prompts`` and one more object prompted by ``box_xyxy`` (its point, unused, the box centre)."""
+    box = box_xyxy.to(prompts.boxes_xyxy)[None]
+    return Prompts(
+        torch.cat([prompts.is_box, torch.ones(1, dtype=torch.bool, device=box.device)]),
+        torch.cat([prompts.points_xy, (box[:, :2] + box[:, 2:]) / 2]),
+        torch.cat([prompts.boxes_xyxy, box]),
+    )

@@ -225,7 +225,8 @@ def _prepared_datasets(config: TrainConfig, image_size: int, low_res_size: int, 
     train_set = PreparedDataset(
         train_samples,
         PrepareOptions(image_size, config.data.max_objects, config.data.flip, "random",
-                       config.prompts.box_probability, config.prompts.box_jitter, low_res_size=low_res_size),
+                       config.prompts.box_probability, config.prompts.box_jitter, low_res_size=low_res_size,
+                       free_box_probability=config.prompts.free_box_probability),
     )
     if val_samples is None or len(val_samples) == 0 or not procs.main:
         return train_set, None
