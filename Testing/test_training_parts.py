@@ -50,6 +50,8 @@ def test_config_round_trip_and_errors(tmp_path):
         ({"data": {"train": ["a"]}, "model": {"checkpoint": "w"}, "prompts": {"box_probability": 2.0}}, "box_prob"),
         ({"data": {"train": ["a"]}, "model": {"checkpoint": "w"}, "prompts": {"free_box_probability": -0.1}},
          "free_box_prob"),
+        ({"data": {"train": ["a"]}, "model": {"checkpoint": "w"}, "prompts": {"free_box_probability": 0.2}},
+         "needs loss.iou_all_candidates"),
     ]
     for values, message in bad:
         with pytest.raises(cfg.ConfigError, match=message):
@@ -145,6 +147,18 @@ def test_an_empty_target_adds_no_dice_term_and_focal_still_pushes_its_mask_down(
     assert (logits.grad[1] > 0).all()  # gradient descent lowers every logit of the empty target
     alone = sam_loss(logits[1:].detach(), torch.ones(1, 1), target[1:], cfg.LossConfig())
     assert alone["dice"].item() == 0.0
+
+
+
+def test_the_iou_head_learns_every_candidates_iou_when_asked():
+    target = torch.zeros(1, 4, 4)
+    target[0, :2] = 1.0  # 8 pixels
+    candidates = torch.stack([torch.where(target[0] > 0, 1.0, -1.0), -torch.ones(4, 4), torch.ones(4, 4)])[None]
+    predicted = torch.tensor([[0.5, 0.9, 0.5]])  # true IoUs: 1, 0 (empty), 0.5
+    best_only = sam_loss(candidates, predicted, target, cfg.LossConfig())
+    every = sam_loss(candidates, predicted, target, cfg.LossConfig(iou_all_candidates=True))
+    assert best_only["iou"].item() == pytest.approx(0.25)
+    assert every["iou"].item() == pytest.approx((0.25 + 0.81 + 0.0) / 3)
 
 
 def test_step_batches_cover_each_epoch_once_across_ranks():

@@ -3,7 +3,8 @@
 Shapes: ``logits`` (N, M, h, w) mask logits for N objects and M candidate masks (1, or 3 with
 multimask output), ``iou_pred`` (N, M) the IoU head's output, ``target`` (N, h, w) float in {0, 1}.
 With M > 1 the mask and IoU losses supervise, per object, the candidate whose thresholded mask
-has the highest IoU with the target (as UltraSam and SAM do).
+has the highest IoU with the target (as UltraSam and SAM do); with ``iou_all_candidates`` the
+IoU head learns every candidate's IoU (SAM 2's ``supervise_all_iou``).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def sam_loss(
     parts = {
         "focal": focal_loss(chosen, target, weights.focal_gamma, weights.focal_alpha).mean(),
         "dice": dice,
-        "iou": F.mse_loss(iou_pred[rows, index].float(), true_iou[rows, index]),
+        "iou": (F.mse_loss(iou_pred.float(), true_iou) if weights.iou_all_candidates
+                else F.mse_loss(iou_pred[rows, index].float(), true_iou[rows, index])),
     }
     parts["total"] = (
         weights.focal_weight * parts["focal"] + weights.dice_weight * parts["dice"] + weights.iou_weight * parts["iou"]
