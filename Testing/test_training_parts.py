@@ -16,7 +16,7 @@ from ultrasam_training import config as cfg
 from ultrasam_training.losses import best_candidate, dice_loss, focal_loss, mask_dice, mask_iou, sam_loss
 from ultrasam_training.model_init import load_usfmae_encoder
 from ultrasam_data.coco import DataError
-from ultrasam_training.prepare import PrepareOptions, PreparedDataset, StepBatches, low_res_target
+from ultrasam_training.prepare import PrepareOptions, PreparedDataset, StepBatches, box_cells, low_res_target
 from ultrasam_training.prompts import (Prompts, centroid_points, fixed_prompts, jitter_boxes, mask_boxes,
                                        random_points, sample_prompts)
 from ultrasam_training.step import TrainingModel, encode, refine_prompts, run_passes
@@ -50,8 +50,6 @@ def test_config_round_trip_and_errors(tmp_path):
         ({"data": {"train": ["a"]}, "model": {"checkpoint": "w"}, "prompts": {"box_probability": 2.0}}, "box_prob"),
         ({"data": {"train": ["a"]}, "model": {"checkpoint": "w"}, "prompts": {"free_box_probability": -0.1}},
          "free_box_prob"),
-        ({"data": {"train": ["a"]}, "model": {"checkpoint": "w"}, "prompts": {"free_box_probability": 0.2}},
-         "needs loss.iou_all_candidates"),
     ]
     for values, message in bad:
         with pytest.raises(cfg.ConfigError, match=message):
@@ -137,28 +135,33 @@ def test_losses_against_torchvision_and_hand_values():
 
 
 
-def test_an_empty_target_adds_no_dice_term_and_focal_still_pushes_its_mask_down():
+def test_a_free_box_is_supervised_outside_only_and_adds_no_dice_or_iou_term():
     target = torch.zeros(2, 8, 8)
-    target[0, 2:6, 2:6] = 1.0  # one object, one free box
-    logits = torch.full((2, 1, 8, 8), -1.0, requires_grad=True)
-    parts = sam_loss(logits, torch.ones(2, 1), target, cfg.LossConfig())
-    assert parts["dice"].item() == pytest.approx(dice_loss(logits[:1, 0], target[:1]).item())
+    target[0, 2:6, 2:6] = 1.0  # one object; row 1 a free box over cells 0..3 x 0..3
+    ignore = torch.zeros(2, 8, 8, dtype=torch.bool)
+    ignore[1, :4, :4] = True
+    logits = torch.full((2, 1, 8, 8), -1.0)
+    logits[1, 0, :4, :4] = 3.0  # the free box's answer fills the box
+    logits.requires_grad_(True)
+    iou_pred = torch.tensor([[0.5], [0.0]])
+    parts = sam_loss(logits, iou_pred, target, cfg.LossConfig(), ignore)
+    object_only = sam_loss(logits[:1].detach(), iou_pred[:1], target[:1], cfg.LossConfig())
+    assert parts["dice"].item() == pytest.approx(object_only["dice"].item())
+    assert parts["iou"].item() == pytest.approx(object_only["iou"].item())
+    outside = focal_loss(torch.full((1, 8, 8), -1.0), target[1:], 2.0, 0.25)[0]  # every kept cell is at -1
+    assert parts["focal"].item() == pytest.approx((object_only["focal"].item() + outside.item()) / 2)
     parts["total"].backward()
-    assert (logits.grad[1] > 0).all()  # gradient descent lowers every logit of the empty target
-    alone = sam_loss(logits[1:].detach(), torch.ones(1, 1), target[1:], cfg.LossConfig())
-    assert alone["dice"].item() == 0.0
+    assert (logits.grad[1, 0, :4, :4] == 0).all()  # inside the box: anything goes
+    assert (logits.grad[1, 0, 4:] > 0).all()  # outside: pushed down
 
 
-
-def test_the_iou_head_learns_every_candidates_iou_when_asked():
-    target = torch.zeros(1, 4, 4)
-    target[0, :2] = 1.0  # 8 pixels
-    candidates = torch.stack([torch.where(target[0] > 0, 1.0, -1.0), -torch.ones(4, 4), torch.ones(4, 4)])[None]
-    predicted = torch.tensor([[0.5, 0.9, 0.5]])  # true IoUs: 1, 0 (empty), 0.5
-    best_only = sam_loss(candidates, predicted, target, cfg.LossConfig())
-    every = sam_loss(candidates, predicted, target, cfg.LossConfig(iou_all_candidates=True))
-    assert best_only["iou"].item() == pytest.approx(0.25)
-    assert every["iou"].item() == pytest.approx((0.25 + 0.81 + 0.0) / 3)
+def test_box_cells_are_the_low_resolution_cells_a_box_overlaps():
+    # 32-pixel input, 8 x 8 grid: cell c holds pixels 4c .. 4c + 3
+    cells = box_cells(torch.tensor([3.5, 7.5, 11.5, 15.5]), 32, 8)  # columns 4..11, rows 8..15
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[2:4, 1:3] = True
+    assert torch.equal(cells, expected)
+    assert box_cells(torch.tensor([2.5, 8.5, 4.5, 9.5]), 32, 8).nonzero().tolist() == [[2, 0], [2, 1]]
 
 
 def test_step_batches_cover_each_epoch_once_across_ranks():
@@ -304,7 +307,7 @@ def test_object_cap_draws_a_fresh_subset_per_sample_seed():
     assert drawn == {(1, 2), (1, 3), (2, 3)}
 
 
-def test_a_free_box_is_a_box_prompt_clear_of_every_object_with_an_empty_target():
+def test_a_free_box_is_a_box_prompt_clear_of_every_object_ignored_inside():
     masks = torch.zeros(2, 64, 64, dtype=torch.bool)
     masks[0, 5:20, 8:30] = True
     masks[1, 40:60, 35:50] = True
@@ -315,6 +318,7 @@ def test_a_free_box_is_a_box_prompt_clear_of_every_object_with_an_empty_target()
     for seed in range(10):
         before, item = plain[(0, seed)], with_free[(0, seed)]
         assert len(item.target) == 3 and not item.target[2].any() and bool(item.prompts.is_box[2])
+        assert not item.ignore[:2].any() and torch.equal(item.ignore[2], box_cells(item.prompts.boxes_xyxy[2], 64, 16))
         assert torch.equal(item.target[:2], before.target) and torch.equal(item.prompts.boxes_xyxy[:2], before.prompts.boxes_xyxy)
         x0, y0, x1, y1 = item.prompts.boxes_xyxy[2].tolist()
         c0, r0, c1, r1 = round(x0 + 0.5), round(y0 + 0.5), round(x1 - 0.5), round(y1 - 0.5)  # covered pixels

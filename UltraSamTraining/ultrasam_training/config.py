@@ -112,8 +112,9 @@ class PromptConfig:
     """Prompt sampling per object (UltraSam: 50/50 point or box, 5 % jitter, one refine round).
 
     ``free_box_probability`` (not in UltraSam's recipe): per training image, the chance of one
-    more box, placed on tissue touching no object, that must give an empty mask. It teaches a
-    model to answer a box with what is in it rather than with the nearest object.
+    more box, placed on tissue touching no object, whose answer must stay inside it (outside it
+    the target is empty; inside, nothing is known, so nothing is supervised). It teaches a model
+    to answer a box with what is in it rather than with the nearest object.
     """
 
     box_probability: float = 0.5
@@ -125,19 +126,13 @@ class PromptConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights and focal parameters (UltraSam: focal x20 + dice + IoU MSE).
-
-    ``iou_all_candidates``: the IoU head learns the IoU of all multimask candidates, not only of
-    the one closest to the target (UltraSam). Needed with free boxes: one candidate learns to be
-    empty for them, and a head never told that an empty candidate scores 0 on an object picks it.
-    """
+    """Loss weights and focal parameters (UltraSam: focal x20 + dice + IoU MSE)."""
 
     focal_weight: float = 20.0
     dice_weight: float = 1.0
     iou_weight: float = 1.0
     focal_gamma: float = 2.0
     focal_alpha: float = 0.25
-    iou_all_candidates: bool = False
 
 
 @dataclass
@@ -205,9 +200,6 @@ class TrainConfig:
         _check(0.0 <= self.prompts.box_probability <= 1.0, "prompts.box_probability must be in [0, 1]")
         _check(0.0 <= self.prompts.box_jitter < 0.5, "prompts.box_jitter must be in [0, 0.5)")
         _check(0.0 <= self.prompts.free_box_probability <= 1.0, "prompts.free_box_probability must be in [0, 1]")
-        _check(self.prompts.free_box_probability == 0 or self.loss.iou_all_candidates,
-               "prompts.free_box_probability needs loss.iou_all_candidates = true: otherwise the IoU head "
-               "learns to rank an empty candidate first and every mask comes out empty")
         _check(self.prompts.val_prompt in VAL_PROMPTS, f"prompts.val_prompt must be one of {VAL_PROMPTS}")
         _check(self.optim.lr > 0 and self.optim.weight_decay >= 0, "optim.lr must be > 0, weight_decay >= 0")
         _check(self.optim.clip_norm >= 0, "optim.clip_norm must be >= 0 (0 disables clipping)")

@@ -32,6 +32,7 @@ class Item:
         prompts: N prompts in the ``xy`` frame of ``image``.
         masks: (N, h, w) bool masks at ``image``'s resolution (validation items only, else None).
         dataset: name of the data set the image comes from (validation reports per data set).
+        ignore: (N, L, L) bool, target pixels no loss looks at (a free box's inside), or None.
         skipped: the unreadable samples passed over to reach this one (the trainer reports them).
     """
 
@@ -40,6 +41,7 @@ class Item:
     prompts: Prompts
     masks: Optional[torch.Tensor]
     dataset: str
+    ignore: Optional[torch.Tensor] = None
     skipped: tuple[Problem, ...] = ()
 
 
@@ -52,7 +54,8 @@ class PrepareOptions:
     ``low_res_size`` is the side of the model's low-resolution mask grid (``Sam.prompt_encoder.
     mask_input_size``); 0 means SAM's ``image_size / 4``. With "random" prompts, each image gets
     with ``free_box_probability`` one more box, on tissue at least ``image_size / 64`` pixels from
-    any object, whose target is empty (:func:`ultrasam_training.prompts.random_free_box`).
+    any object (:func:`ultrasam_training.prompts.random_free_box`): its target is empty outside
+    the box and ignored inside (``Item.ignore``), so it teaches the answer to stay in its box.
     """
 
     image_size: int
@@ -90,6 +93,7 @@ def prepare(sample: Any, options: PrepareOptions, generator: torch.Generator) ->
     masks = F.interpolate(masks[None].float(), size=size, mode="bilinear", align_corners=False)[0] >= 0.5
     masks = masks[masks.flatten(1).any(dim=1)]
     target = low_res_target(masks, options.image_size, options.low_res_size or options.image_size // 4)
+    ignore = None
     if options.prompt_kind == "random":
         prompts = sample_prompts(masks, options.box_probability, options.box_jitter, generator)
         if len(masks) and options.free_box_probability and bool(torch.rand(1, generator=generator)
@@ -97,6 +101,8 @@ def prepare(sample: Any, options: PrepareOptions, generator: torch.Generator) ->
             free = random_free_box(masks, max(1, options.image_size // 64), generator)
             if free is not None:
                 prompts = with_free_box(prompts, free)
+                inside = box_cells(free, options.image_size, target.shape[-1])
+                ignore = torch.cat([torch.zeros_like(target, dtype=torch.bool), inside[None]])
                 target = torch.cat([target, torch.zeros_like(target[:1])])
     else:
         prompts = fixed_prompts(masks, options.prompt_kind)
@@ -106,7 +112,19 @@ def prepare(sample: Any, options: PrepareOptions, generator: torch.Generator) ->
         prompts=prompts,
         masks=masks if options.keep_masks else None,
         dataset=str(getattr(sample, "dataset", "")),
+        ignore=ignore,
     )
+
+
+def box_cells(box_xyxy: torch.Tensor, image_size: int, low_res_size: int) -> torch.Tensor:
+    """(L, L) bool: the cells of the low-resolution grid that overlap ``box_xyxy`` (input pixels,
+    pixel edges); cell ``c`` covers input pixels ``c * s .. (c + 1) * s - 1``, ``s = image_size / L``."""
+    step = image_size / low_res_size
+    starts = torch.arange(low_res_size) * step - 0.5  # each cell's first pixel edge
+    x0, y0, x1, y1 = box_xyxy.tolist()
+    columns = (starts + step > x0) & (starts < x1)
+    rows = (starts + step > y0) & (starts < y1)
+    return rows[:, None] & columns[None, :]
 
 
 def low_res_target(masks: torch.Tensor, image_size: int, low_res_size: int) -> torch.Tensor:

@@ -111,7 +111,9 @@ def fixed_prompts(masks: torch.Tensor, kind: str) -> Prompts:
 
 
 def random_free_box(masks: torch.Tensor, margin: int, generator: torch.Generator) -> Optional[torch.Tensor]:
-    """A box on tissue without an object, for (N, H, W) non-empty bool masks, or None where none fits.
+    """A box on tissue without an annotated object, for (N, H, W) non-empty bool masks, or None
+    where none fits. Unannotated structures may lie in it, so training asks only that the answer
+    stay inside it.
 
     Its size is a random object's box scaled by 0.5-1 (so negatives look like the positives), its
     place uniform among those keeping ``margin`` pixels from every object pixel. Returns (4,) xyxy.

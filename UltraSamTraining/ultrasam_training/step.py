@@ -127,8 +127,9 @@ class TrainingModel(nn.Module):
             if len(item.target) == 0:
                 continue
             target = item.target.to(device)
+            ignore = None if item.ignore is None else item.ignore.to(device)
             for passed in run_passes(self.sam, embedding[None], item.prompts.to(device), self.refine):
-                for name, value in sam_loss(passed.logits, passed.iou, target, self.loss).items():
+                for name, value in sam_loss(passed.logits, passed.iou, target, self.loss, ignore).items():
                     totals[name] = totals.get(name, 0.0) + value
             used += 1
         if used == 0:
