@@ -116,13 +116,13 @@ def test_summary_table_json_and_plot(tmp_path):
 
 
 def test_free_box_figures_count_only_the_objects_whose_box_found_a_free_place(tmp_path):
-    objects = [{**_object("A", "1.png", 0.9, 0.8, 0.6), "free_inside": 1.0, "free_empty": 1.0},
-               {**_object("A", "2.png", 0.9, 0.8, 0.6), "free_inside": 0.2, "free_empty": 0.0},
-               {**_object("A", "3.png", 0.9, 0.8, 0.6), "free_inside": 0.4, "free_empty": 0.0},
-               {**_object("A", "4.png", 0.9, 0.8, 0.6), "free_inside": None, "free_empty": None}]
+    objects = [{**_object("A", "1.png", 0.9, 0.8, 0.6), "free_inside": 1.0, "free_left": 0.0},
+               {**_object("A", "2.png", 0.9, 0.8, 0.6), "free_inside": 0.2, "free_left": 1.0},
+               {**_object("A", "3.png", 0.9, 0.8, 0.6), "free_inside": 0.4, "free_left": 1.0},
+               {**_object("A", "4.png", 0.9, 0.8, 0.6), "free_inside": None, "free_left": None}]
     summary = summarise(objects, [])
     assert summary["A"]["free_boxes"] == 3
     assert summary["A"]["free_inside"]["median"] == 0.4
-    assert summary["A"]["free_empty"]["mean"] == round(1 / 3, 4)
+    assert summary["A"]["free_left"]["mean"] == round(2 / 3, 4)
     table = write_results({"model": "m", "datasets": summary, "objects": objects, "volumes": []}, tmp_path)
-    assert "| 0.400 | 0.33 of 3 |" in table
+    assert "| 0.400 | 2 of 3 |" in table

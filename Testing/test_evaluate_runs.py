@@ -69,7 +69,7 @@ def test_a_perfect_model_scores_one_with_box_and_centroid_prompts(tmp_path):
     np.testing.assert_allclose(boxes[0::2], truth_boxes)  # each object's box, then its free box
     for free, truth in zip(boxes[1::2], truth_boxes):  # the same size, clear of every object
         np.testing.assert_allclose(free[2:] - free[:2], truth[2:] - truth[:2])
-    assert [(r["free_inside"], r["free_empty"]) for r in rows] == [(1.0, 1.0)] * 9  # nothing named, nothing drawn
+    assert [(r["free_inside"], r["free_left"]) for r in rows] == [(1.0, 0.0)] * 9  # nothing named, nothing drawn
     for row, sample_mask in zip(rows, (m for s in samples for m in s.masks)):
         assert row["ellipse_dice"] == pytest.approx(dice(inscribed_ellipse(edge_box(sample_mask), sample_mask.shape),
                                                          sample_mask))
@@ -91,7 +91,7 @@ def test_a_model_that_ignores_its_box_leaves_the_free_box():
     sample = SimpleNamespace(image=image, masks=masks, boxes_xyxy=np.stack([edge_box(m) for m in masks]),
                              dataset="Shapes", path=Path("shapes.png"))
     rows = evaluate_images([sample], _FirstObjectPredictor([(image, masks)]), progress=False)
-    assert [(r["free_inside"], r["free_empty"]) for r in rows] == [(0.0, 0.0)] * 2
+    assert [(r["free_inside"], r["free_left"]) for r in rows] == [(0.0, 1.0)] * 2
     assert rows[1]["box_inside"] < 0.2  # the C shape's own box holds little of the first object
 
 

@@ -15,11 +15,12 @@ resolution, and scored against its ground-truth mask. Prompts, as UltraSam was t
 - **prompt-following** (``box_inside``): the share of the box prompt's predicted pixels that lie
   inside that box, on the model's own mask (nothing clipped); 1.0 for an empty mask. A model that
   answers with something else than what the box points at scores low whatever its Dice.
-- **free box** (``free_inside``, ``free_empty``): the object's box moved the shortest distance to
+- **free box** (``free_inside``, ``free_left``): the object's box moved the shortest distance to
   where it keeps 2 % of the image's long side from every object
   (:func:`ultrasam.free_boxes.nearest_free_box`), then the share of its predicted pixels inside
-  it (1.0 for an empty mask) and whether the mask is empty. A model drawn to the object it was
-  moved off leaves the box. Absent (None) where no such place exists.
+  it (1.0 for an empty mask) and whether that share is below ``LEFT_BOX`` (the mask left the
+  box). A model drawn to the object it was moved off leaves the box. Absent (None) where no such
+  place exists.
 - **3D**: one positive click at the centroid (same rule) of the structure's middle slice along the
   slicing axis, propagated through the volume by :func:`ultrasam.batch.segment_volume`; Dice and
   IoU over the whole volume.
@@ -40,6 +41,8 @@ from ultrasam.geometry import Volume
 from ultrasam.predictor import ImageEmbedding, Predictor, Prompt2D
 from ultrasam.prompts3d import VolumePrompts
 from ultrasam.slicing import VolumeSlices
+
+LEFT_BOX = 0.95  # a mask with less of itself inside its box has left it (issue 16's prompt-following bar)
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
@@ -102,7 +105,7 @@ def score_objects(masks: np.ndarray, boxes_xyxy: np.ndarray, predictor: Predicto
         One dict per object: ``ellipse_dice``, the point prompt ``point_xy`` and ``point_moved``
         (see :func:`centroid_point`), and with a model ``box_dice``, ``box_iou``, ``box_inside``
         (:func:`share_inside_box`), ``point_dice``, ``point_iou``, ``free_inside`` and
-        ``free_empty`` (the free box: see the module docstring).
+        ``free_left`` (the free box: see the module docstring).
     """
     rows = []
     objects = np.any(masks, axis=0) if len(masks) else None
@@ -125,9 +128,10 @@ def _free_box_scores(predictor: Predictor, embedding: ImageEmbedding, objects: n
                      box_xyxy: np.ndarray, margin: int) -> dict:
     free = nearest_free_box(objects, box_xyxy, margin)
     if free is None:
-        return {"free_inside": None, "free_empty": None}
+        return {"free_inside": None, "free_left": None}
     mask = predictor.predict(embedding, Prompt2D(box_xyxy=free)).mask
-    return {"free_inside": share_inside_box(mask, free), "free_empty": float(not mask.any())}
+    inside = share_inside_box(mask, free)
+    return {"free_inside": inside, "free_left": float(inside < LEFT_BOX)}
 
 
 def evaluate_images(samples: Iterable, predictor: Predictor | None, total: int | None = None,
