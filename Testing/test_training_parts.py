@@ -134,7 +134,6 @@ def test_losses_against_torchvision_and_hand_values():
     assert parts["total"].item() == pytest.approx(20 * parts["focal"].item() + parts["dice"].item() + 0.5625)
 
 
-
 def test_a_free_box_is_supervised_outside_only_and_adds_no_dice_or_iou_term():
     target = torch.zeros(2, 8, 8)
     target[0, 2:6, 2:6] = 1.0  # one object; row 1 a free box over cells 0..3 x 0..3

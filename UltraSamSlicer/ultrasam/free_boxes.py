@@ -1,8 +1,9 @@
-"""Boxes on tissue without an object: the prompt a model that follows its box answers with nothing.
+"""Boxes on tissue without an object: a model that follows its box keeps its answer inside them.
 
 A box drawn where no annotated object is tells whether a model segments what it is pointed at or
-the most salient thing nearby. Training uses such boxes as negatives (empty target) and
-``ultrasam evaluate`` places one beside every object.
+the most salient thing nearby. Training uses such boxes as negatives (the answer must not leave
+the box: ``ultrasam_training.prompts.random_free_box``) and ``ultrasam evaluate`` places one
+beside every object.
 
 Frames: (H, W) bool masks indexed ``[row, column]``; boxes ``box_xyxy = (x0, y0, x1, y1)`` on
 pixel edges in the ``xy`` frame, so a box covering columns ``c .. c + w - 1`` and rows
