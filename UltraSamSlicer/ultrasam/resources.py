@@ -16,9 +16,9 @@ SAMPLE_BOX_IJK = (82, 62, 100, 175, 172, 100)
 
 # The compact default model (docs/MODEL_CARD.md): LiteMedSAM fine-tuned by this project on BUS-BRA
 # and HC18 with a frozen encoder, float16. Used when no UltraSam weights are downloaded or chosen.
-SHIPPED_MODEL = DATA / "compact-v2.pth"
+SHIPPED_MODEL = DATA / "compact-v3.pth"
 SHIPPED_MODEL_NOTICE = (
-    "the compact model shipped with UltraSamSlicer (compact-v2: LiteMedSAM fine-tuned on 2D breast and "
+    "the compact model shipped with UltraSamSlicer (compact-v3: LiteMedSAM fine-tuned on 2D breast and "
     "fetal head ultrasound; NOT UltraSam, and weaker: docs/MODEL_CARD.md)"
 )
 # The earlier default, trained from scratch: weaker and it can leave its prompt, but its encoder is
