@@ -297,7 +297,8 @@ def test_sigint_during_propagation_prints_no_traceback(tmp_path, checkpoint):
     process = subprocess.Popen(
         [sys.executable, "-m", "ultrasam.cli", "segment", str(SAMPLE_VOLUME), "-c", checkpoint, "--point",
          "140", "128", "144", "--propagate", "--min-iou", "-100", "--max-growth", "1000", "-o", str(target),
-         "--device", "cpu"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+         "--device", "cpu"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        preexec_fn=_sigint_as_in_a_terminal)
     seen = []
     for line in process.stderr:  # the model line comes once the run is inside main's handlers
         seen.append(line)
@@ -307,3 +308,9 @@ def test_sigint_during_propagation_prints_no_traceback(tmp_path, checkpoint):
     rest = process.communicate(timeout=300)[1]
     assert process.returncode == 130, "".join(seen) + rest
     assert "interrupted" in rest and "Traceback" not in rest and not target.exists()
+
+
+def _sigint_as_in_a_terminal() -> None:
+    """A job started in the background without job control (``cmd &`` in a script) inherits SIGINT
+    ignored, and Python then never raises KeyboardInterrupt; Ctrl+C in a terminal has it default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
