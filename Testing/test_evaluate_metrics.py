@@ -122,6 +122,7 @@ def test_free_box_figures_count_only_the_objects_whose_box_found_a_free_place(tm
                {**_object("A", "4.png", 0.9, 0.8, 0.6), "free_inside": None, "free_left": None}]
     summary = summarise(objects, [])
     assert summary["A"]["free_boxes"] == 3
+    assert summary["A"]["free_boxes_left"] == 2
     assert summary["A"]["free_inside"]["median"] == 0.4
     assert summary["A"]["free_left"]["mean"] == round(2 / 3, 4)
     table = write_results({"model": "m", "datasets": summary, "objects": objects, "volumes": []}, tmp_path)

@@ -29,9 +29,9 @@ def _stats(values: list[float]) -> dict:
 def summarise(objects: list[dict], volumes: list[dict]) -> dict:
     """Per data set: ``kind``, ``n`` (objects or volumes), and mean/std of every score present.
 
-    Image data sets also get ``images``, ``points_moved`` (centroids moved onto the mask) and
+    Image data sets also get ``images``, ``points_moved`` (centroids moved onto the mask),
     ``free_boxes`` (objects whose box could be moved clear of every object; the free-box figures
-    are over those).
+    are over those) and ``free_boxes_left`` (how many of those masks left their free box).
     """
     summary: dict[str, dict] = {}
     image_keys = ("box_dice", "box_iou", "box_inside", "ellipse_dice", "point_dice", "point_iou",
@@ -50,6 +50,7 @@ def summarise(objects: list[dict], volumes: list[dict]) -> dict:
                 entry["images"] = len({r["image"] for r in members})
                 entry["points_moved"] = sum(bool(r["point_moved"]) for r in members)
                 entry["free_boxes"] = sum(r.get("free_inside") is not None for r in members)
+                entry["free_boxes_left"] = sum(r.get("free_left") == 1.0 for r in members)
             summary[name if name not in summary else f"{name} ({kind})"] = entry
     return summary
 
@@ -62,9 +63,8 @@ def _median(entry: dict, key: str) -> str:
     return f"{entry[key]['median']:.3f}" if key in entry else "–"
 
 
-def _count(entry: dict, key: str) -> str:
-    """How many free boxes a 0/1 figure held, "k of n" (its mean times the free boxes)."""
-    return f"{round(entry[key]['mean'] * entry['free_boxes'])} of {entry['free_boxes']}" if key in entry else "–"
+def _free_boxes_left(entry: dict) -> str:
+    return f"{entry['free_boxes_left']} of {entry['free_boxes']}" if entry["free_boxes"] else "–"
 
 
 def markdown(results: dict) -> str:
@@ -79,7 +79,7 @@ def markdown(results: dict) -> str:
                   "|---|---:|---|---|---|---|---|---|---|---|"]
         lines += [f"| {name} | {e['n']} | {_cell(e, 'box_dice')} | {_cell(e, 'ellipse_dice')} | {_cell(e, 'box_iou')} "
                   f"| {_median(e, 'box_inside')} | {_cell(e, 'point_dice')} | {_cell(e, 'point_iou')} "
-                  f"| {_median(e, 'free_inside')} | {_count(e, 'free_left')} |"
+                  f"| {_median(e, 'free_inside')} | {_free_boxes_left(e)} |"
                   for name, e in images.items()]
         lines.append("")
     if volumes:
