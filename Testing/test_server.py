@@ -171,6 +171,8 @@ def test_kill_9_mid_propagation_loses_nothing_and_the_module_logic_restarts_the_
     with pytest.raises(ServerGone, match="no answer from the UltraSam server"):
         session.poll()
     assert "server stopped" in engine.lost() and "killed" in engine.lost()
+    crash_log = engine.local.log_path
+    assert crash_log in engine.lost() and os.path.exists(crash_log)  # kept for the user to read
     np.testing.assert_array_equal(session.mask, clicked)  # the client's mask is the last good one
 
     assert engine.client(settings) is None and engine.starts == 2  # the next call starts a new one
@@ -179,8 +181,11 @@ def test_kill_9_mid_propagation_loses_nothing_and_the_module_logic_restarts_the_
     assert session.start(centre_click(voxels[:12]), rules=NEVER_STOP, wait=5.0).state == "done"
     assert session.mask.any()
 
+    clean_log = engine.local.log_path
     engine.stop()
     assert engine.local is None and process.poll() is not None
+    assert os.path.exists(crash_log) and not os.path.exists(clean_log)  # a clean stop leaves no litter
+    os.remove(crash_log)
     with pytest.raises(ServerGone):
         client.info()
 

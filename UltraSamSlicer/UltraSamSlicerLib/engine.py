@@ -92,7 +92,7 @@ class EngineConnection:
         """After a ServerGone from a call: what happened, in a sentence for the user."""
         if self.local is not None and not self.local.running:
             return (f"the UltraSam server stopped (exit code {self.local.process.returncode}; crashed, out of "
-                    f"memory or killed): {self.local.log_tail(1)}")
+                    f"memory or killed): {self.local.log_tail(1)} (full log: {self.local.log_path})")
         return "the UltraSam server does not answer"
 
     def stop(self) -> None:

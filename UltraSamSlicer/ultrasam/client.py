@@ -310,7 +310,8 @@ class LocalServer:
         if self.process is None:
             return False
         if self.process.poll() is not None:
-            raise ServerGone(f"the UltraSam server exited (code {self.process.returncode}): {self.log_tail()}")
+            raise ServerGone(f"the UltraSam server exited (code {self.process.returncode}): {self.log_tail()} "
+                             f"(full log: {self.log_path})")
         try:
             self._client.request("GET", "/info", timeout=0.5)
             return True
@@ -338,8 +339,11 @@ class LocalServer:
             return "(no log)"
 
     def stop(self) -> None:
+        """Stop the process. Its log is deleted when it was still running (nothing went wrong) and
+        kept when it had exited on its own, for the crash to be read."""
         if self.process is not None:
             if self.process.poll() is None:
+                self._remove_log()
                 self.process.terminate()
                 try:
                     self.process.wait(5)
@@ -351,6 +355,12 @@ class LocalServer:
         if self._client is not None:
             self._client.close()
         self.process, self._client = None, None
+
+    def _remove_log(self) -> None:
+        try:
+            os.remove(self.log_path)
+        except OSError:
+            pass  # never written, or already gone
 
 
 def child_environment(extra: dict | None = None) -> dict:
