@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ultrasam.evaluation import centroid_point, dice, inscribed_ellipse, iou, share_inside_box
+from ultrasam.evaluation import centroid_point, corrective_click, dice, inscribed_ellipse, iou, share_inside_box
 from ultrasam.evaluation_report import summarise, write_results
 
 
@@ -87,6 +87,24 @@ def test_share_inside_box_counts_pixel_centres_in_the_box():
     assert share_inside_box(np.zeros((4, 4), bool), (0, 0, 2, 2)) == 1.0  # nothing predicted, nothing outside
 
 
+def test_corrective_clicks_go_to_the_deepest_pixel_of_the_larger_error():
+    truth = np.zeros((40, 50), bool)
+    truth[5:30, 5:30] = True
+    assert corrective_click(truth.copy(), truth) is None
+    spilled = truth.copy()
+    spilled[10:15, 35:40] = True  # a 5 x 5 spill centred on row 12, column 37
+    xy, label = corrective_click(spilled, truth)
+    assert (xy.tolist(), label) == ([37.0, 12.0], 0)
+    missed = spilled.copy()
+    missed[11:18, 11:18] = False  # a deeper 7 x 7 hole centred on row 14, column 14: it goes first
+    xy, label = corrective_click(missed, truth)
+    assert (xy.tolist(), label) == ([14.0, 14.0], 1)
+    edge = truth.copy()
+    edge[0:3, 40:50] = True  # a spill on the image border: the border is an edge, the click stays inside
+    xy, label = corrective_click(edge, truth)
+    assert label == 0 and edge[int(xy[1]), int(xy[0])] and not truth[int(xy[1]), int(xy[0])] and xy[1] == 1
+
+
 def _object(dataset, image, box, ellipse, point, inside=1.0):
     return {"dataset": dataset, "image": image, "object": 0, "box_dice": box, "box_iou": box / 2,
             "box_inside": inside, "ellipse_dice": ellipse, "point_dice": point, "point_iou": point / 2,
@@ -127,3 +145,18 @@ def test_free_box_figures_count_only_the_objects_whose_box_found_a_free_place(tm
     assert summary["A"]["free_left"]["mean"] == round(2 / 3, 4)
     table = write_results({"model": "m", "datasets": summary, "objects": objects, "volumes": []}, tmp_path)
     assert "| 0.400 | 2 of 3 |" in table
+
+
+def test_corrective_click_figures_sum_over_objects(tmp_path):
+    objects = [{**_object("A", "1.png", 0.9, 0.8, 0.6), "corrected_dice": 0.9, "negative_clicks": 2,
+                "negatives_obeyed": 1},
+               {**_object("A", "2.png", 0.9, 0.8, 0.6), "corrected_dice": 0.7, "negative_clicks": 1,
+                "negatives_obeyed": 1},
+               {**_object("B", "1.png", 0.9, 0.8, 0.6), "corrected_dice": 1.0, "negative_clicks": 0,
+                "negatives_obeyed": 0}]
+    summary = summarise(objects, [])
+    assert (summary["A"]["negative_clicks"], summary["A"]["negatives_obeyed"]) == (3, 2)
+    assert summary["A"]["corrected_dice"]["mean"] == 0.8
+    table = write_results({"model": "m", "datasets": summary, "objects": objects, "volumes": []}, tmp_path)
+    assert "| 0.800 ± 0.100 | 2 of 3 |" in table
+    assert "| 1.000 ± 0.000 | – |" in table  # no negative click made: nothing to count

@@ -22,7 +22,7 @@ from ultrasam.checkpoint import save_checkpoint
 from ultrasam.evaluation import dice, evaluate_images, evaluate_volume, inscribed_ellipse
 from ultrasam.evaluation_data import open_sources, read_volume_pair, volume_set
 from ultrasam.evaluation_report import markdown, summarise
-from ultrasam.predictor import Prediction
+from ultrasam.predictor import Prediction, Prompt2D
 from ultrasam.slicing import VolumeSlices
 from ultrasam_data.writer import CocoWriter
 
@@ -93,6 +93,46 @@ def test_a_model_that_ignores_its_box_leaves_the_free_box():
     rows = evaluate_images([sample], _FirstObjectPredictor([(image, masks)]), progress=False)
     assert [(r["free_inside"], r["free_left"]) for r in rows] == [(0.0, 1.0)] * 2
     assert rows[1]["box_inside"] < 0.2  # the C shape's own box holds little of the first object
+
+
+class _SpillingPredictor(OraclePredictor):
+    """Answers a point on an object with that object plus a fixed spill; drops the spill for a
+    negative click in it when ``obeys``, else ignores it."""
+
+    def __init__(self, truth, spill: np.ndarray, obeys: bool) -> None:
+        super().__init__(truth)
+        self.spill, self.obeys = spill, obeys
+
+    def predict(self, embedding, prompt, mask_input=None, refine=None):
+        if prompt.points_xy is None:
+            return super().predict(embedding, prompt, mask_input, refine)
+        self.prompts.append(prompt)
+        answer = super().predict(embedding, Prompt2D(points_xy=prompt.points_xy[:1], labels=prompt.labels[:1]))
+        negatives = [xy for xy, label in zip(prompt.points_xy, prompt.labels) if label == 0]
+        told = self.obeys and any(self.spill[int(y), int(x)] for x, y in negatives)
+        return Prediction(answer.mask | (self.spill & ~told), 0.95, torch.zeros(1, 1, 256, 256))
+
+
+@pytest.mark.parametrize("obeys", [True, False])
+def test_a_model_that_ignores_a_negative_click_is_counted(obeys):
+    labels = synthetic_labels()
+    image = np.random.default_rng(2).integers(0, 256, labels.shape, dtype=np.uint8)
+    masks = (labels == 2)[None]
+    spill = np.zeros(labels.shape, bool)
+    spill[70:79, 95:104] = True  # 9 x 9, clear of the C shape
+    sample = SimpleNamespace(image=image, masks=masks, boxes_xyxy=np.stack([edge_box(masks[0])]),
+                             dataset="Shapes", path=Path("shapes.png"))
+    predictor = _SpillingPredictor([(image, masks)], spill, obeys)
+    (row,) = evaluate_images([sample], predictor, progress=False)
+    assert row["point_dice"] == pytest.approx(dice(masks[0] | spill, masks[0]))
+    clicks = [p for p in predictor.prompts if p.points_xy is not None and len(p.points_xy) > 1]
+    np.testing.assert_allclose(clicks[0].points_xy[1], [99.0, 74.0])  # the spill's centre, its deepest pixel
+    assert list(clicks[0].labels) == [1, 0]
+    if obeys:
+        assert (row["corrected_dice"], row["negative_clicks"], row["negatives_obeyed"]) == (1.0, 1, 1)
+        assert len(clicks) == 1  # right after one correction: no second click
+    else:
+        assert (row["corrected_dice"], row["negative_clicks"], row["negatives_obeyed"]) == (row["point_dice"], 2, 0)
 
 
 def test_split_choice_and_limit(tmp_path):

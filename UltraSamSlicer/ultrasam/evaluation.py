@@ -21,6 +21,13 @@ resolution, and scored against its ground-truth mask. Prompts, as UltraSam was t
   it (1.0 for an empty mask) and whether that share is below ``LEFT_BOX`` (the mask left the
   box). A model drawn to the object it was moved off leaves the box. Absent (None) where no such
   place exists.
+- **corrective clicks** (``corrected_dice``, ``negative_clicks``, ``negatives_obeyed``): after the
+  point, up to ``CORRECTIONS`` more clicks as interactive benchmarks place them (RITM's and SAM's
+  protocol): each on the pixel of the answer's error farthest from that error's edge, positive
+  where the answer missed the object, negative where it spilled, and the prompt of all clicks so
+  far segmented again. ``corrected_dice`` is the last answer's Dice; a negative click is obeyed
+  when its pixel is out of the next answer. A model that ignores the clicks a user adds to fix
+  its answer is caught here.
 - **3D**: one positive click at the centroid (same rule) of the structure's middle slice along the
   slicing axis, propagated through the volume by :func:`ultrasam.batch.segment_volume`; Dice and
   IoU over the whole volume.
@@ -43,6 +50,7 @@ from ultrasam.prompts3d import VolumePrompts
 from ultrasam.slicing import VolumeSlices
 
 LEFT_BOX = 0.95  # a mask with less of itself inside its box has left it (issue 16's prompt-following bar)
+CORRECTIONS = 2  # corrective clicks after the first point
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
@@ -105,7 +113,8 @@ def score_objects(masks: np.ndarray, boxes_xyxy: np.ndarray, predictor: Predicto
         One dict per object: ``ellipse_dice``, the point prompt ``point_xy`` and ``point_moved``
         (see :func:`centroid_point`), and with a model ``box_dice``, ``box_iou``, ``box_inside``
         (:func:`share_inside_box`), ``point_dice``, ``point_iou``, ``free_inside`` and
-        ``free_left`` (the free box: see the module docstring).
+        ``free_left`` (the free box), ``corrected_dice``, ``negative_clicks`` and
+        ``negatives_obeyed`` (the corrective clicks: see the module docstring).
     """
     rows = []
     objects = np.any(masks, axis=0) if len(masks) else None
@@ -119,7 +128,8 @@ def score_objects(masks: np.ndarray, boxes_xyxy: np.ndarray, predictor: Predicto
             by_point = predictor.predict(embedding, Prompt2D(points_xy=[point], labels=[1])).mask
             row.update(box_dice=dice(by_box, truth), box_iou=iou(by_box, truth),
                        box_inside=share_inside_box(by_box, box), point_dice=dice(by_point, truth),
-                       point_iou=iou(by_point, truth), **_free_box_scores(predictor, embedding, objects, box, margin))
+                       point_iou=iou(by_point, truth), **_free_box_scores(predictor, embedding, objects, box, margin),
+                       **_corrected_scores(predictor, embedding, truth, point, by_point))
         rows.append(row)
     return rows
 
@@ -132,6 +142,41 @@ def _free_box_scores(predictor: Predictor, embedding: ImageEmbedding, objects: n
     mask = predictor.predict(embedding, Prompt2D(box_xyxy=free)).mask
     inside = share_inside_box(mask, free)
     return {"free_inside": inside, "free_left": float(inside < LEFT_BOX)}
+
+
+def corrective_click(mask: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """The next click on an (H, W) answer: ``(xy, label)`` at the pixel of its error farthest from
+    the error's edge (the image border counts as an edge), label 1 on a missed pixel and 0 on a
+    spilled one; None when the answer is right."""
+    import cv2  # a dependency of the engine (UltraSam mode's resize)
+
+    best = None
+    for wrong, label in ((truth & ~mask, 1), (mask & ~truth, 0)):
+        if not wrong.any():
+            continue
+        distance = cv2.distanceTransform(np.pad(wrong, 1).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        row, column = np.unravel_index(int(distance.argmax()), distance.shape)
+        if best is None or distance[row, column] > best[0]:
+            best = (distance[row, column], np.array([column - 1, row - 1], dtype=np.float64), label)
+    return None if best is None else (best[1], best[2])
+
+
+def _corrected_scores(predictor: Predictor, embedding: ImageEmbedding, truth: np.ndarray, point: np.ndarray,
+                      answer: np.ndarray) -> dict:
+    points, labels = [point], [1]
+    negatives = obeyed = 0
+    for _ in range(CORRECTIONS):
+        click = corrective_click(answer, truth)
+        if click is None:
+            break
+        xy, label = click
+        points.append(xy)
+        labels.append(label)
+        answer = predictor.predict(embedding, Prompt2D(points_xy=points, labels=labels)).mask
+        if label == 0:
+            negatives += 1
+            obeyed += not answer[int(xy[1]), int(xy[0])]
+    return {"corrected_dice": dice(answer, truth), "negative_clicks": negatives, "negatives_obeyed": obeyed}
 
 
 def evaluate_images(samples: Iterable, predictor: Predictor | None, total: int | None = None,

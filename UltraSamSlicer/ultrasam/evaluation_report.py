@@ -31,11 +31,12 @@ def summarise(objects: list[dict], volumes: list[dict]) -> dict:
 
     Image data sets also get ``images``, ``points_moved`` (centroids moved onto the mask),
     ``free_boxes`` (objects whose box could be moved clear of every object; the free-box figures
-    are over those) and ``free_boxes_left`` (how many of those masks left their free box).
+    are over those), ``free_boxes_left`` (how many of those masks left their free box),
+    ``negative_clicks`` and ``negatives_obeyed`` (corrective clicks, summed over objects).
     """
     summary: dict[str, dict] = {}
     image_keys = ("box_dice", "box_iou", "box_inside", "ellipse_dice", "point_dice", "point_iou",
-                  "free_inside", "free_left")
+                  "free_inside", "free_left", "corrected_dice")
     for kind, rows, keys in (("images", objects, image_keys), ("volumes", volumes, ("dice3d", "iou3d"))):
         groups = defaultdict(list)
         for row in rows:
@@ -51,6 +52,8 @@ def summarise(objects: list[dict], volumes: list[dict]) -> dict:
                 entry["points_moved"] = sum(bool(r["point_moved"]) for r in members)
                 entry["free_boxes"] = sum(r.get("free_inside") is not None for r in members)
                 entry["free_boxes_left"] = sum(r.get("free_left") == 1.0 for r in members)
+                entry["negative_clicks"] = sum(r.get("negative_clicks", 0) for r in members)
+                entry["negatives_obeyed"] = sum(r.get("negatives_obeyed", 0) for r in members)
             summary[name if name not in summary else f"{name} ({kind})"] = entry
     return summary
 
@@ -63,8 +66,8 @@ def _median(entry: dict, key: str) -> str:
     return f"{entry[key]['median']:.3f}" if key in entry else "–"
 
 
-def _free_boxes_left(entry: dict) -> str:
-    return f"{entry['free_boxes_left']} of {entry['free_boxes']}" if entry["free_boxes"] else "–"
+def _count(entry: dict, part: str, whole: str) -> str:
+    return f"{entry[part]} of {entry[whole]}" if entry.get(whole) else "–"
 
 
 def markdown(results: dict) -> str:
@@ -75,11 +78,13 @@ def markdown(results: dict) -> str:
     volumes = {name: entry for name, entry in datasets.items() if entry["kind"] == "volumes"}
     if images:
         lines += ["| data set | objects | box Dice | ellipse-in-box Dice | box IoU | inside box (median) "
-                  "| point Dice | point IoU | free box: inside (median) | free box: left it |",
-                  "|---|---:|---|---|---|---|---|---|---|---|"]
+                  "| point Dice | point IoU | free box: inside (median) | free box: left it "
+                  "| corrected Dice | negative clicks obeyed |",
+                  "|---|---:|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {name} | {e['n']} | {_cell(e, 'box_dice')} | {_cell(e, 'ellipse_dice')} | {_cell(e, 'box_iou')} "
                   f"| {_median(e, 'box_inside')} | {_cell(e, 'point_dice')} | {_cell(e, 'point_iou')} "
-                  f"| {_median(e, 'free_inside')} | {_free_boxes_left(e)} |"
+                  f"| {_median(e, 'free_inside')} | {_count(e, 'free_boxes_left', 'free_boxes')} "
+                  f"| {_cell(e, 'corrected_dice')} | {_count(e, 'negatives_obeyed', 'negative_clicks')} |"
                   for name, e in images.items()]
         lines.append("")
     if volumes:
@@ -94,7 +99,9 @@ def markdown(results: dict) -> str:
                  "inscribed in the box prompt, no model. Inside box: median share of the box prompt's "
                  "predicted pixels inside the box. Free box: each object's box moved to the nearest "
                  "place clear of every object; the median share of its predicted pixels inside it, and "
-                 "how many of those masks left it (less than 95 % inside). Protocol: docs/EVALUATION.md.")
+                 "how many of those masks left it (less than 95 % inside). Corrected: the point, then up to two "
+                 "corrective clicks, each on the deepest pixel of the answer's error; a negative click is "
+                 "obeyed when its pixel leaves the mask. Protocol: docs/EVALUATION.md.")
     return "\n".join(lines) + "\n"
 
 
