@@ -19,7 +19,8 @@ from ultrasam_data.coco import DataError
 from ultrasam_training.prepare import PrepareOptions, PreparedDataset, StepBatches, box_cells, low_res_target
 from ultrasam_training.prompts import (Prompts, centroid_points, fixed_prompts, jitter_boxes, mask_boxes,
                                        random_points, sample_prompts)
-from ultrasam_training.step import TrainingModel, encode, refine_prompts, run_passes
+from ultrasam_training.step import (Clicks, TrainingModel, corrected_passes, encode, final_logits, next_clicks,
+                                   refine_prompts, run_passes)
 from ultrasam_training.trainer import lr_factor
 
 
@@ -50,6 +51,10 @@ def test_config_round_trip_and_errors(tmp_path):
         ({"data": {"train": ["a"]}, "model": {"checkpoint": "w"}, "prompts": {"box_probability": 2.0}}, "box_prob"),
         ({"data": {"train": ["a"]}, "model": {"checkpoint": "w"}, "prompts": {"free_box_probability": -0.1}},
          "free_box_prob"),
+        ({"data": {"train": ["a"]}, "model": {"checkpoint": "w"}, "prompts": {"correction_clicks": -1}},
+         "correction_clicks must be >= 0"),
+        ({"data": {"train": ["a"]}, "model": {"checkpoint": "w"},
+          "prompts": {"correction_clicks": 1, "refine": False}}, "correction_clicks needs prompts.refine"),
     ]
     for values, message in bad:
         with pytest.raises(cfg.ConfigError, match=message):
@@ -225,6 +230,87 @@ def test_refine_box_of_a_point_prompt_is_the_pass1_mask_box():
     refined = refine_prompts(prompts, logits, 128)
     assert refined.is_box.tolist() == [True, False]  # an empty pass-1 mask keeps its point
     assert refined.boxes_xyxy[0].tolist() == [19.5, 7.5, 35.5, 15.5]
+
+
+def test_corrective_clicks_land_on_the_error_with_its_sign():
+    """A 4x4 low-resolution grid of a 16-pixel input (4 input pixels a cell): object 0's answer
+    misses one cell, object 1's spills onto one, object 2's is right."""
+    target = torch.zeros(3, 4, 4)
+    target[0, 1, 1:3] = 1
+    target[1, 2, 2] = 1
+    target[2, 0, 0] = 1
+    logits = torch.where(target[:, None] > 0, 1.0, -1.0)
+    logits[0, 0, 1, 2] = -1.0  # missed: row 1, column 2
+    logits[1, 0, 3, 0] = 1.0  # spilled: row 3, column 0
+    clicks = next_clicks(logits, target, None, image_size=16)
+    assert clicks.labels.tolist() == [[1], [0], [-1]]
+    # a cell's centre in input pixels (integer values are pixel centres): column 2 -> 2 * 4 + 1.5
+    assert clicks.points_xy[:2, 0].tolist() == [[9.5, 5.5], [1.5, 13.5]]
+    ignore = torch.zeros(3, 4, 4, dtype=torch.bool)
+    ignore[1, 3, 0] = True  # where nothing is known, nothing is wrong
+    again = next_clicks(logits, target, ignore, image_size=16, clicks=clicks)
+    assert again.labels.tolist() == [[1, 1], [0, -1], [-1, -1]] and again.points_xy.shape == (3, 2, 2)
+
+
+def test_corrective_clicks_land_inside_a_thick_error_not_on_its_thin_rim():
+    target = torch.zeros(1, 32, 32)
+    target[0, 4:28, 4:28] = 1
+    logits = torch.where(target[:, None] > 0, 1.0, -1.0)
+    logits[0, 0, 3, 4:28] = 1.0  # a one-cell rim spilled above the object
+    logits[0, 0, 10:19, 10:19] = -1.0  # a 9 x 9 hole in it: cells 12..16 are two cells inside
+    torch.manual_seed(0)
+    for _ in range(20):
+        clicks = next_clicks(logits, target, None, image_size=32)
+        x, y = clicks.points_xy[0, 0].tolist()
+        assert clicks.labels.tolist() == [[1]] and 12 <= x <= 16 and 12 <= y <= 16
+
+
+def test_corrected_passes_match_segment_anything(tiny):
+    """A point prompt and a box prompt, each with a negative and a positive click, equal
+    Sam.forward run object by object: pass 1 with the points (and box), pass 2 adding pass 1's mask
+    box (for the point prompt) and its logits."""
+    image = torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)
+    prompts = Prompts(torch.tensor([False, True]), torch.tensor([[40.0, 30.0], [0.0, 0.0]]),
+                      torch.tensor([[30.0, 20.0, 50.0, 40.0], [70.0, 40.0, 120.0, 90.0]]))
+    clicks = Clicks(torch.tensor([[[60.0, 30.0], [45.0, 35.0]], [[80.0, 50.0], [100.0, 70.0]]]),
+                    torch.tensor([[0, 1], [1, 0]]))
+    with torch.no_grad():
+        embedding = encode(tiny, [image], None)
+        first, second = corrected_passes(tiny, embedding, prompts, clicks)
+    for n in range(2):
+        points = clicks.points_xy[n] if prompts.is_box[n] else torch.cat([prompts.points_xy[n][None], clicks.points_xy[n]])
+        labels = clicks.labels[n] if prompts.is_box[n] else torch.cat([torch.ones(1, dtype=torch.long), clicks.labels[n]])
+        query = {"image": image.float(), "original_size": (96, 128), "point_coords": points[None],
+                 "point_labels": labels[None]}
+        if prompts.is_box[n]:
+            query["boxes"] = prompts.boxes_xyxy[n : n + 1]
+        expected = tiny([query], multimask_output=False)[0]
+        assert torch.allclose(first.logits[n], expected["low_res_logits"][0], atol=1e-5)
+        found = first.logits[n : n + 1, 0] > 0
+        box = prompts.boxes_xyxy[n : n + 1] if prompts.is_box[n] else mask_boxes(found, pixel=128 / found.shape[-1])
+        assert found.any() or prompts.is_box[n]  # the point prompt's pass 2 uses its mask box
+        again = tiny([{**query, "boxes": box, "mask_inputs": first.logits[n : n + 1]}], multimask_output=True)[0]
+        assert torch.allclose(second.logits[n], again["low_res_logits"][0], atol=1e-5)
+
+
+def test_correction_rounds_train_the_negative_click():
+    """With one corrective round, a training step reaches SAM's negative-point embedding (it is
+    unused by UltraSam's recipe, which has no negative clicks)."""
+    torch.manual_seed(0)
+    config = SamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_SAM.items()})
+    sam = sam_from_config(config)
+    image = torch.randint(0, 256, (3, 128, 128), dtype=torch.uint8)
+    box = Prompts(torch.tensor([True]), torch.zeros(1, 2), torch.tensor([[20.0, 20.0, 100.0, 100.0]]))
+    with torch.no_grad():
+        answer = final_logits(run_passes(sam, encode(sam, [image], None), box, refine=True))
+    assert (answer > 0).any()  # so against an empty target every error is a spill: a negative click
+    item = SimpleNamespace(image=image, target=torch.zeros(1, 32, 32), ignore=None, prompts=box)
+    negative = sam.prompt_encoder.point_embeddings[0].weight
+    for corrections, reached in ((0, False), (1, True)):
+        sam.zero_grad(set_to_none=True)
+        losses = TrainingModel(sam, cfg.LossConfig(), refine=True, autocast_dtype=None, corrections=corrections)([item])
+        losses["total"].backward()
+        assert (negative.grad is not None and bool(negative.grad.abs().sum() > 0)) == reached
 
 
 def test_usfmae_encoder_mapping():

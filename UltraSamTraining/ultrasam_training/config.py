@@ -115,6 +115,11 @@ class PromptConfig:
     more box, placed on tissue touching no object, whose answer must stay inside it (outside it
     the target is empty; inside, nothing is known, so nothing is supervised). It teaches a model
     to answer a box with what is in it rather than with the nearest object.
+
+    ``correction_clicks`` (not in UltraSam's recipe, which has none): rounds of corrective clicks
+    per object after the refine round, each a click on the answer's error, positive where it
+    missed and negative where it spilled (:func:`ultrasam_training.step.run_passes`). It teaches
+    the model to follow the clicks a user adds, negative ones above all.
     """
 
     box_probability: float = 0.5
@@ -122,6 +127,7 @@ class PromptConfig:
     refine: bool = True
     val_prompt: str = "box"
     free_box_probability: float = 0.0
+    correction_clicks: int = 0
 
 
 @dataclass
@@ -200,6 +206,9 @@ class TrainConfig:
         _check(0.0 <= self.prompts.box_probability <= 1.0, "prompts.box_probability must be in [0, 1]")
         _check(0.0 <= self.prompts.box_jitter < 0.5, "prompts.box_jitter must be in [0, 0.5)")
         _check(0.0 <= self.prompts.free_box_probability <= 1.0, "prompts.free_box_probability must be in [0, 1]")
+        _check(self.prompts.correction_clicks >= 0, "prompts.correction_clicks must be >= 0 (0: none, as UltraSam)")
+        _check(self.prompts.refine or self.prompts.correction_clicks == 0,
+               "prompts.correction_clicks needs prompts.refine (clicks correct the refined answer)")
         _check(self.prompts.val_prompt in VAL_PROMPTS, f"prompts.val_prompt must be one of {VAL_PROMPTS}")
         _check(self.optim.lr > 0 and self.optim.weight_decay >= 0, "optim.lr must be > 0, weight_decay >= 0")
         _check(self.optim.clip_norm >= 0, "optim.clip_norm must be >= 0 (0 disables clipping)")

@@ -167,7 +167,7 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
                                                 sam.prompt_encoder.mask_input_size[0], procs, log)
         frozen = config.model.frozen_encoder
         embed = _embedding_cache(config, sam, autocast, train_set, val_set, procs, log) if frozen else None
-        net = TrainingModel(sam, config.loss, config.prompts.refine, autocast, embed)
+        net = TrainingModel(sam, config.loss, config.prompts.refine, autocast, embed, config.prompts.correction_clicks)
         if dist.is_initialized():
             # Unused per step: the negative-point embedding, and mask heads no object was closest with.
             net = DistributedDataParallel(net, device_ids=[device.index] if on_gpu else None,
