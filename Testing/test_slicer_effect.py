@@ -481,10 +481,13 @@ def test_a_killed_server_leaves_preview_and_segment_as_they_were_and_the_next_pr
     before = preview_kji(effect, scene)
     assert before and effect.engine.starts == 1
 
+    crash_log = effect.engine.local.log_path
     os.kill(effect.engine.local.process.pid, signal.SIGKILL)  # as the kernel's OOM killer would
     effect.engine.local.process.wait()
     effect.onPropagate()
     assert "server stopped" in effect.statusLabel.text and "next prompt starts" in effect.statusLabel.text
+    assert crash_log in effect.statusLabel.text and os.path.exists(crash_log)  # kept for the user to read
+    os.remove(crash_log)
     assert preview_kji(effect, scene) == before and effect.session is None
     assert effect.scriptedEffect.modifications == []  # the segment was never touched
 
