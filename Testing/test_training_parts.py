@@ -278,8 +278,11 @@ def test_corrected_passes_match_segment_anything(tiny):
         embedding = encode(tiny, [image], None)
         first, second = corrected_passes(tiny, embedding, prompts, clicks)
     for n in range(2):
-        points = clicks.points_xy[n] if prompts.is_box[n] else torch.cat([prompts.points_xy[n][None], clicks.points_xy[n]])
-        labels = clicks.labels[n] if prompts.is_box[n] else torch.cat([torch.ones(1, dtype=torch.long), clicks.labels[n]])
+        if prompts.is_box[n]:
+            points, labels = clicks.points_xy[n], clicks.labels[n]
+        else:  # the prompt's point, then its clicks
+            points = torch.cat([prompts.points_xy[n][None], clicks.points_xy[n]])
+            labels = torch.cat([torch.ones(1, dtype=torch.long), clicks.labels[n]])
         query = {"image": image.float(), "original_size": (96, 128), "point_coords": points[None],
                  "point_labels": labels[None]}
         if prompts.is_box[n]:

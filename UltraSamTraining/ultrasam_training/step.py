@@ -173,9 +173,7 @@ def corrected_passes(model: Sam, embedding: torch.Tensor, prompts: Prompts, clic
     logits; multimask."""
     first = decode(model, embedding, prompts, None, multimask=False, clicks=clicks)
     logits = first.logits.detach()
-    found = logits[:, 0] > 0
-    mask_box = mask_boxes(found, pixel=model.image_encoder.img_size / logits.shape[-1])
-    point_boxes = torch.where(found.flatten(1).any(dim=1)[:, None], mask_box, prompts.boxes_xyxy)
+    point_boxes = refine_prompts(prompts, logits, model.image_encoder.img_size).boxes_xyxy  # the refine round's boxes
     return [first, decode(model, embedding, prompts, logits, multimask=True, clicks=clicks, point_boxes=point_boxes)]
 
 
