@@ -216,8 +216,21 @@ class TinyViTEncoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_last_stage(self.forward_to_last_stage(x))
+
+    def forward_to_last_stage(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) input -> (B, G*G, C) tokens entering the last stage, C its width."""
         x = self.patch_embed(x)
-        for stage in self.layers:
+        for stage in self.layers[:-1]:
             x = stage(x)
+        return x
+
+    def forward_last_stage(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, G*G, C) tokens entering the last stage -> (B, 256, G, G) image embedding."""
+        x = self.layers[-1](tokens)
         grid = x.transpose(1, 2).reshape(len(x), -1, self.grid, self.grid)
         return self.neck(grid)
+
+    def last_stage_modules(self) -> list[nn.Module]:
+        """What :meth:`forward_last_stage` runs: the last stage and the neck."""
+        return [self.layers[-1], self.neck]

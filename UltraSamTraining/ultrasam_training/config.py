@@ -74,7 +74,9 @@ class ModelConfig:
     ``checkpoint`` may also name a model the CLI knows ("litemedsam"). ``frozen_encoder`` trains
     only the prompt encoder and mask decoder, on image embeddings computed once per image (and
     flip) and kept in ``embedding_cache`` (default: ``<output_dir>/embeddings``): see
-    :mod:`ultrasam_training.embedding_cache`.
+    :mod:`ultrasam_training.embedding_cache`. ``train_last_stage`` (with ``frozen_encoder``, for
+    TinyViT encoders: LiteMedSAM, compact-v2, compact-v3) also trains the encoder's last stage and
+    neck, on the tokens entering that stage, cached the same way.
 
     ``scratch`` overrides fields of ``ultrasam.checkpoint.SamConfig`` (SAM ViT-B when empty) for
     the last two, e.g. ``{"image_size": 256, "encoder_depth": 2}`` for a tiny test model.
@@ -84,6 +86,7 @@ class ModelConfig:
     checkpoint: str = ""
     scratch: dict = field(default_factory=dict)
     frozen_encoder: bool = False
+    train_last_stage: bool = False
     embedding_cache: str = ""
 
     def sam_config(self) -> Any:
@@ -203,6 +206,8 @@ class TrainConfig:
         )
         if self.model.init != "checkpoint":
             self.model.sam_config()
+        _check(self.model.frozen_encoder or not self.model.train_last_stage,
+               "model.train_last_stage needs model.frozen_encoder (the stages before it stay frozen and cached)")
         _check(0.0 <= self.prompts.box_probability <= 1.0, "prompts.box_probability must be in [0, 1]")
         _check(0.0 <= self.prompts.box_jitter < 0.5, "prompts.box_jitter must be in [0, 0.5)")
         _check(0.0 <= self.prompts.free_box_probability <= 1.0, "prompts.free_box_probability must be in [0, 1]")

@@ -8,6 +8,12 @@ Layout: ``<folder>/<encoder fingerprint>/<image key>.pt``, one float16 (C, g, g)
 image. The image key hashes the exact resized uint8 image the encoder sees (so a flipped image
 is its own entry), the fingerprint hashes the encoder's weights (so a different model never
 reads another's embeddings). Files are written atomically; a killed run keeps what it embedded.
+
+To train a TinyViT encoder's last stage and neck as well (``model.train_last_stage``), the store
+holds the (G*G, C) tokens entering that stage instead, keyed to the weights before it only, and
+:class:`LastStageEmbedder` runs the stage on them at every step. For LiteMedSAM the stage runs on
+the 64 x 64 output grid, a third of the encoder's time; the convolutional stage at 256 x 256 and
+the stages after it are not run again.
 """
 
 from __future__ import annotations
@@ -22,20 +28,30 @@ from segment_anything.modeling import Sam
 
 from ultrasam.checkpoint import atomic_torch_save
 from ultrasam_data.coco import DataError
+from ultrasam_training.config import ConfigError
 from ultrasam_training.prepare import resize_image
-from ultrasam_training.step import encode
+from ultrasam_training.step import autocast, encode
+
+LAST_STAGE_INPUT = "last-stage-input"  # folder suffix of a store of last-stage tokens
 
 
 class EmbeddingCache:
-    """Callable: (3, h, w) uint8 model-input images -> (B, C, g, g) float32 embeddings.
+    """Callable: (3, h, w) uint8 model-input images -> (B, C, g, g) float32 embeddings, or with
+    ``last_stage_input`` the (B, G*G, C) float32 tokens entering the encoder's last stage.
 
     Images not yet in the store are encoded (encoder in eval mode, no gradient) and written.
     """
 
     def __init__(self, folder: str | Path, model: Sam, autocast_dtype: Optional[torch.dtype] = None,
-                 batch_size: int = 4) -> None:
+                 batch_size: int = 4, last_stage_input: bool = False) -> None:
         self.model, self.autocast_dtype, self.batch_size = model, autocast_dtype, batch_size
-        self.folder = Path(folder) / encoder_fingerprint(model)
+        if last_stage_input:
+            skipped = last_stage_modules(model)
+            self.encoder = model.image_encoder.forward_to_last_stage
+            name = f"{encoder_fingerprint(model, skipped)}-{LAST_STAGE_INPUT}"
+        else:
+            self.encoder, name = model.image_encoder, encoder_fingerprint(model)
+        self.folder = Path(folder) / name
         self.folder.mkdir(parents=True, exist_ok=True)
         self.encoded = 0  # images this object ran through the encoder
 
@@ -78,7 +94,7 @@ class EmbeddingCache:
         encoder.eval()  # batch-norm statistics stay the pretrained ones
         try:
             self.encoded += len(images)
-            return encode(self.model, images, self.autocast_dtype)
+            return encode(self.model, images, self.autocast_dtype, self.encoder)
         finally:
             encoder.train(was_training)
 
@@ -107,12 +123,45 @@ def image_key(image: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def encoder_fingerprint(model: Sam) -> str:
-    """A short hash of the image encoder's weights and buffers (and its input normalisation)."""
+class LastStageEmbedder:
+    """Callable: (3, h, w) uint8 model-input images -> (B, 256, G, G) float32 embeddings, with
+    gradient to the encoder's last stage and neck: the cached tokens entering the stage, run through it.
+    """
+
+    def __init__(self, model: Sam, cache: EmbeddingCache) -> None:
+        self.model, self.cache = model, cache
+
+    def __call__(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        encoder = self.model.image_encoder
+        # Batch norm keeps the pretrained statistics the cached tokens were computed with (and that
+        # inference uses); its scale and shift still learn.
+        encoder.eval()
+        with autocast(self.model.pixel_mean.device, self.cache.autocast_dtype):
+            return encoder.forward_last_stage(self.cache(images)).float()
+
+
+def last_stage_modules(model: Sam) -> list[torch.nn.Module]:
+    """The image encoder's last stage and neck; ConfigError unless it is a TinyViT encoder."""
+    encoder = model.image_encoder
+    if not hasattr(encoder, "last_stage_modules"):
+        raise ConfigError(
+            f"model.train_last_stage needs a TinyViT image encoder (LiteMedSAM, compact-v2, compact-v3); this "
+            f"model's is a {type(encoder).__name__}: set it to false, or train the whole encoder "
+            "(model.frozen_encoder false)"
+        )
+    return encoder.last_stage_modules()
+
+
+def encoder_fingerprint(model: Sam, skipped: Sequence[torch.nn.Module] = ()) -> str:
+    """A short hash of the image encoder's weights and buffers (and its input normalisation),
+    leaving out those of the ``skipped`` modules."""
     from ultrasam.model_input import input_normalisation
 
+    left_out = {id(tensor) for module in skipped for tensor in [*module.parameters(), *module.buffers()]}
     digest = hashlib.blake2b(input_normalisation(model).encode(), digest_size=8)
-    for name, tensor in sorted(model.image_encoder.state_dict().items()):
+    for name, tensor in sorted(model.image_encoder.state_dict(keep_vars=True).items()):
+        if id(tensor) in left_out:
+            continue
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

@@ -45,14 +45,22 @@ class Pass:
 Embedder = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 
 
-def encode(model: Sam, images: Sequence[torch.Tensor], autocast_dtype: torch.dtype | None) -> torch.Tensor:
+def encode(model: Sam, images: Sequence[torch.Tensor], autocast_dtype: torch.dtype | None,
+           encoder: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """(3, h, w) uint8 images -> (B, C, g, g) float32 embeddings; the model's normalisation, then
-    zero padding to its S x S input (SAM's ``preprocess`` for SAM-normalised models)."""
+    zero padding to its S x S input (SAM's ``preprocess`` for SAM-normalised models).
+
+    ``encoder`` runs instead of ``model.image_encoder`` (its part up to the last stage, say).
+    """
     device = model.pixel_mean.device
     batch = torch.cat([encoder_input(model, image.to(device).float()[None]) for image in images])
-    context = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    with context:
-        return model.image_encoder(batch).float()
+    with autocast(device, autocast_dtype):
+        return (encoder or model.image_encoder)(batch).float()
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision in ``dtype`` on ``device``, or nothing when ``dtype`` is None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 @dataclass

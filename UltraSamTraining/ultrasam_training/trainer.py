@@ -33,7 +33,7 @@ from ultrasam.fast_attention import accelerate_image_encoder
 from ultrasam_data.coco import CocoDataset
 from ultrasam_data.splits import split_dataset
 from ultrasam_training.config import DataConfig, TrainConfig, save_config
-from ultrasam_training.embedding_cache import EmbeddingCache, training_images
+from ultrasam_training.embedding_cache import EmbeddingCache, LastStageEmbedder, last_stage_modules, training_images
 from ultrasam_training.evaluate import evaluate
 from ultrasam_training.model_init import build_model
 from ultrasam_training.prepare import PrepareOptions, PreparedDataset, StepBatches, collate
@@ -149,6 +149,9 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
     sam.to(device)
     if config.model.frozen_encoder:
         sam.image_encoder.requires_grad_(False)
+        if config.model.train_last_stage:
+            for module in last_stage_modules(sam):
+                module.requires_grad_(True)
     trained = [parameter for parameter in sam.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     optim = config.optim
@@ -236,15 +239,17 @@ def _prepared_datasets(config: TrainConfig, image_size: int, low_res_size: int, 
 
 
 def _embedding_cache(config: TrainConfig, sam, autocast, train_set, val_set, procs: Processes,
-                     log) -> EmbeddingCache:
+                     log) -> EmbeddingCache | LastStageEmbedder:
     """The frozen encoder's store, filled before the first step: every training image (and its
     mirror when training flips), then every validation image. The ranks share the files and split
-    the training images between them; the first step waits until every rank has filled its share."""
+    the training images between them; the first step waits until every rank has filled its share.
+    With ``model.train_last_stage`` the store holds the last stage's input, run through it per step."""
     folder = config.model.embedding_cache or str(Path(config.output_dir) / EMBEDDINGS_DIR)
     # On a CPU one image at a time is fastest (TinyViT, 2 threads: 1.0 s/image alone, 1.5 s/image in
     # batches of 4); a GPU wants batches.
     device = sam.pixel_mean.device
-    cache = EmbeddingCache(folder, sam, autocast, batch_size=8 if device.type == "cuda" else 1)
+    cache = EmbeddingCache(folder, sam, autocast, batch_size=8 if device.type == "cuda" else 1,
+                           last_stage_input=config.model.train_last_stage)
     size = sam.image_encoder.img_size
     tick = time.time()
     cache.fill(training_images(train_set.samples, size, config.data.flip, shard=(procs.rank, procs.world)))
@@ -257,7 +262,7 @@ def _embedding_cache(config: TrainConfig, sam, autocast, train_set, val_set, pro
     if log:
         log.write("embedded", 0, folder=str(cache.folder), encoded=int(encoded.sum()), per_rank=encoded.tolist(),
                   seconds=time.time() - tick)
-    return cache
+    return LastStageEmbedder(sam, cache) if config.model.train_last_stage else cache
 
 
 def optimise(net, sam, optimizer, scheduler, items, clip_norm: float) -> dict[str, torch.Tensor]:
