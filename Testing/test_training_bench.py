@@ -47,3 +47,15 @@ def test_frozen_comparison_trains_from_the_cache_with_the_full_models_loss():
     assert figures["speedup"] == pytest.approx(frozen["images_per_s"] / full["images_per_s"])
     # Same weights and batch: the float16 cached embeddings give the encoder's own first loss.
     assert frozen["first_loss"] == pytest.approx(full["first_loss"], rel=0.02)
+
+
+def test_last_stage_comparison_trains_from_cached_tokens_with_the_full_models_loss():
+    bench = _bench()
+    torch.set_num_threads(1)
+    figures = bench.main(["--tiny", "--last-stage", "--device", "cpu", "--steps", "1", "--warmup", "1",
+                          "--batch", "2", "--objects", "3"])
+    assert figures["encoder"] == "TinyViTEncoder"
+    last_stage, full = figures["variants"]["last-stage"], figures["variants"]["full"]
+    assert figures["speedup"] == pytest.approx(last_stage["images_per_s"] / full["images_per_s"])
+    # Same weights and batch: the float16 cached tokens, run through the last stage, give the encoder's own loss.
+    assert last_stage["first_loss"] == pytest.approx(full["first_loss"], rel=0.02)

@@ -13,6 +13,9 @@ and >= 3x). ``--frozen`` compares instead, both in fp32:
   cache (filled before timing, as the trainer fills it before its first step);
 - ``full``: full fine-tuning, the encoder run and trained at every step.
 
+``--last-stage`` compares ``last-stage`` (``model.train_last_stage``: a TinyViT encoder's last stage
+and neck trained on the cached tokens entering that stage) with ``full`` the same way.
+
 Data are synthetic (random grey images with ellipse masks, ``--objects`` per image) and prepared
 before timing, so the figure is the model's, not the data loader's. Weights are random unless
 ``--checkpoint`` names a model: throughput does not depend on them, and nothing is downloaded.
@@ -20,6 +23,7 @@ before timing, so the figure is the model's, not the data loader's. Weights are 
     python bench/bench_training.py                      # GPU, SAM ViT-B, batch 8
     python bench/bench_training.py --tiny --device cpu  # seconds on a CPU: checks the script
     python bench/bench_training.py --frozen --checkpoint litemedsam --device cpu --batch 4 --objects 1 --steps 3 --warmup 1
+    python bench/bench_training.py --last-stage --checkpoint litemedsam --device cpu --batch 4 --objects 1 --steps 3 --warmup 1
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from ultrasam.atomic import write_text_atomic
 from ultrasam.checkpoint import SamConfig, sam_from_config
 from ultrasam.fast_attention import accelerate_image_encoder
 from ultrasam_training.config import LossConfig
-from ultrasam_training.embedding_cache import EmbeddingCache
+from ultrasam_training.embedding_cache import EmbeddingCache, LastStageEmbedder, freeze_encoder
 from ultrasam_training.prepare import Item, low_res_target
 from ultrasam_training.prompts import sample_prompts
 from ultrasam_training.step import TrainingModel
@@ -45,9 +49,15 @@ from ultrasam_training.trainer import optimise
 TINY = SamConfig(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),
                  encoder_window_size=4, encoder_mlp_ratio=2.0, image_size=128, prompt_embed_dim=32,
                  mask_in_chans=4, decoder_mlp_dim=64, iou_head_hidden_dim=32)
-# name: (autocast dtype, fused attention, frozen encoder); the first of each pair is the one under test
-VARIANTS = {"recipe": (torch.bfloat16, True, False), "ultrasam": (None, False, False)}
-FROZEN_VARIANTS = {"frozen": (None, False, True), "full": (None, False, False)}
+TINY_TINY_VIT = SamConfig(encoder="tiny_vit", image_size=256, patch_size=4, tiny_vit_embed_dims=(8, 16, 16, 32),
+                          tiny_vit_depths=(1, 1, 1, 1), tiny_vit_num_heads=(0, 1, 1, 2),
+                          tiny_vit_window_sizes=(0, 7, 7, 7), mask_in_chans=4, decoder_mlp_dim=64,
+                          iou_head_hidden_dim=32)
+# name: (autocast dtype, fused attention, what is cached: None, "embeddings" or "last-stage-input");
+# the first of each pair is the one under test
+VARIANTS = {"recipe": (torch.bfloat16, True, None), "ultrasam": (None, False, None)}
+FROZEN_VARIANTS = {"frozen": (None, False, "embeddings"), "full": (None, False, None)}
+LAST_STAGE_VARIANTS = {"last-stage": (None, False, "last-stage-input"), "full": (None, False, None)}
 
 
 def synthetic_items(count: int, objects: int, image_size: int, seed: int = 0, mask_grid: int = 0) -> list[Item]:
@@ -72,16 +82,18 @@ def synthetic_items(count: int, objects: int, image_size: int, seed: int = 0, ma
 def run_variant(variant: tuple, base: torch.nn.Module, batches: list[list[Item]], warmup: int,
                 device: torch.device) -> dict:
     """Train a copy of ``base`` on ``batches`` (the first ``warmup`` untimed); returns the figures."""
-    autocast, fused, frozen = variant
+    autocast, fused, cached = variant
     sam = copy.deepcopy(base).to(device).train()
     if fused:
         accelerate_image_encoder(sam)
     with tempfile.TemporaryDirectory() as folder:
         embed = None
-        if frozen:
-            sam.image_encoder.requires_grad_(False)
-            embed = EmbeddingCache(folder, sam, autocast, batch_size=1)
-            embed.fill(item.image for items in batches for item in items)
+        if cached:
+            last_stage = cached == "last-stage-input"
+            freeze_encoder(sam, last_stage)
+            cache = EmbeddingCache(folder, sam, autocast, batch_size=1, last_stage_input=last_stage)
+            cache.fill(item.image for items in batches for item in items)
+            embed = LastStageEmbedder(sam, cache) if last_stage else cache
         net = TrainingModel(sam, LossConfig(), refine=True, autocast_dtype=autocast, embed=embed)
         trained = [parameter for parameter in sam.parameters() if parameter.requires_grad]
         optimizer = torch.optim.AdamW(trained, lr=1e-4, weight_decay=1e-4)
@@ -149,13 +161,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="a tiny SAM at 128 px (CPU check of this script)")
     parser.add_argument("--checkpoint", help="weights to start from: 'litemedsam', 'compact-v1' or a checkpoint file "
                         "(default: random weights of SAM ViT-B, or of the tiny SAM with --tiny)")
-    parser.add_argument("--frozen", action="store_true", help="frozen-encoder training against full fine-tuning")
+    comparison = parser.add_mutually_exclusive_group()
+    comparison.add_argument("--frozen", action="store_true", help="frozen-encoder training against full fine-tuning")
+    comparison.add_argument("--last-stage", action="store_true",
+                            help="training a TinyViT encoder's last stage on cached tokens against full fine-tuning "
+                                 "(with --tiny: a tiny TinyViT)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.objects < 1:
         parser.error("--steps, --batch and --objects must be >= 1, --warmup >= 0")
+    variants = FROZEN_VARIANTS if args.frozen else LAST_STAGE_VARIANTS if args.last_stage else VARIANTS
     figures = benchmark(_model(args), torch.device(args.device), args.batch, args.objects, args.steps, args.warmup,
-                        FROZEN_VARIANTS if args.frozen else VARIANTS)
+                        variants)
     for name, result in figures["variants"].items():
         print(f"{name:9s} {result['images_per_s']:8.2f} images/s  first loss {result['first_loss']:.4f}"
               + (f"  peak {result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] else ""))
@@ -175,7 +192,9 @@ def _model(args: argparse.Namespace) -> torch.nn.Module:
 
         return load_model(model_path(args.checkpoint)).model
     torch.manual_seed(0)
-    return sam_from_config(TINY if args.tiny else SamConfig())
+    if args.tiny:
+        return sam_from_config(TINY_TINY_VIT if args.last_stage else TINY)
+    return sam_from_config(SamConfig())
 
 
 if __name__ == "__main__":

@@ -140,6 +140,14 @@ class LastStageEmbedder:
             return encoder.forward_last_stage(self.cache(images)).float()
 
 
+def freeze_encoder(model: Sam, train_last_stage: bool = False) -> None:
+    """No gradient to the image encoder, except to its last stage and neck with ``train_last_stage``."""
+    model.image_encoder.requires_grad_(False)
+    if train_last_stage:
+        for module in last_stage_modules(model):
+            module.requires_grad_(True)
+
+
 def last_stage_modules(model: Sam) -> list[torch.nn.Module]:
     """The image encoder's last stage and neck; ConfigError unless it is a TinyViT encoder."""
     encoder = model.image_encoder

@@ -33,7 +33,7 @@ from ultrasam.fast_attention import accelerate_image_encoder
 from ultrasam_data.coco import CocoDataset
 from ultrasam_data.splits import split_dataset
 from ultrasam_training.config import DataConfig, TrainConfig, save_config
-from ultrasam_training.embedding_cache import EmbeddingCache, LastStageEmbedder, last_stage_modules, training_images
+from ultrasam_training.embedding_cache import EmbeddingCache, LastStageEmbedder, freeze_encoder, training_images
 from ultrasam_training.evaluate import evaluate
 from ultrasam_training.model_init import build_model
 from ultrasam_training.prepare import PrepareOptions, PreparedDataset, StepBatches, collate
@@ -148,10 +148,7 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
     autocast = torch.bfloat16 if config.run.precision == "bf16" or (config.run.precision == "auto" and on_gpu) else None
     sam.to(device)
     if config.model.frozen_encoder:
-        sam.image_encoder.requires_grad_(False)
-        if config.model.train_last_stage:
-            for module in last_stage_modules(sam):
-                module.requires_grad_(True)
+        freeze_encoder(sam, config.model.train_last_stage)
     trained = [parameter for parameter in sam.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     optim = config.optim
