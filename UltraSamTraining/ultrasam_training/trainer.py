@@ -160,7 +160,7 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
     if resume and state_path.is_file():
         start, best = _load_state(state_path, sam, optimizer, scheduler, procs)
     log = RunLog(run_dir, resume_step=start, tensorboard=True) if procs.main else None
-    step, logged, tick = start, start, time.time()
+    step, logged = start, start
     try:
         # Opened with the log open, so a refusal of the data reaches metrics.jsonl (and the Slicer module).
         train_set, val_set = _prepared_datasets(config, sam.image_encoder.img_size,
@@ -182,6 +182,7 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, run_dir:
                       process_group=dist.get_backend() if dist.is_initialized() else None,
                       precision=str(autocast or torch.float32), images=len(train_set),
                       val_images=len(val_set) if val_set else 0)
+        tick = time.time()  # the first rate counts steps only, not the data's opening or the embedding
         reported = set()  # an unreadable image comes back every epoch: report it once
         for items in loader:
             met = list(dict.fromkeys(p for item in items for p in item.skipped if p not in reported))
