@@ -45,6 +45,19 @@ def test_fine_tune_on_the_scene_freezes_the_encoder(module, tmp_path):
                                                     frozenEncoder=True)
     config = load_config(path)
     assert config.model.frozen_encoder and config.model.checkpoint == "litemedsam"
+    assert not config.model.train_last_stage
+
+
+def test_training_the_last_stage_needs_the_frozen_encoder_mode(module, tmp_path):
+    from ultrasam_training.config import ConfigError, load_config
+
+    logic = module.UltraSamTrainingLogic
+    path = logic.writeConfig(tmp_path / "run", ["/data/scene"], "litemedsam", 300, 8, frozenEncoder=True,
+                             trainLastStage=True)
+    assert load_config(path).model.train_last_stage
+    with pytest.raises(ConfigError, match="train_last_stage needs model.frozen_encoder"):
+        logic.writeConfig(tmp_path / "other", ["/data/scene"], "litemedsam", 300, 8, trainLastStage=True)
+    assert not (tmp_path / "other" / "config.json").exists()
 
 
 def test_the_trainer_process_gets_both_libraries_on_its_path(module):

@@ -92,15 +92,17 @@ class UltraSamTrainingLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def writeConfig(runDir: Path, sources: list[str], checkpoint: str, steps: int, batchSize: int,
-                    frozenEncoder: bool = False) -> Path:
+                    frozenEncoder: bool = False, trainLastStage: bool = False) -> Path:
         """``<runDir>/config.json``: UltraSam's recipe with these data, start weights, length and batch;
-        ``frozenEncoder`` trains only the prompt encoder and mask decoder on cached embeddings."""
+        ``frozenEncoder`` trains only the prompt encoder and mask decoder on cached embeddings, and
+        with ``trainLastStage`` a TinyViT encoder's last stage as well."""
         from ultrasam_training.config import from_dict, save_config
 
         config = from_dict({
             "output_dir": str(runDir),
             "data": {"train": sources},
-            "model": {"init": "checkpoint", "checkpoint": checkpoint, "frozen_encoder": frozenEncoder},
+            "model": {"init": "checkpoint", "checkpoint": checkpoint, "frozen_encoder": frozenEncoder,
+                      "train_last_stage": trainLastStage},
             "run": {"steps": steps, "batch_size": batchSize,
                     "checkpoint_every": max(1, min(1000, steps // 10)), "val_every": max(1, min(1000, steps // 10))},
         })
@@ -207,6 +209,12 @@ class UltraSamTrainingWidget(ScriptedLoadableModuleWidget):
         self.frozenCheck.toolTip = ("Embed each image once, then train only the prompt encoder and mask decoder: "
                                     "minutes on a CPU for a thousand images. Off: full fine-tuning (needs a GPU)")
         form.addRow(self.frozenCheck)
+        self.lastStageCheck = qt.QCheckBox("Also train the image encoder's last stage")
+        self.lastStageCheck.toolTip = ("LiteMedSAM-based models (compact-v2, compact-v3): the last encoder stage learns "
+                                       "too, on cached inputs; about 3 times slower per step than the decoder alone")
+        self.lastStageCheck.enabled = False
+        self.frozenCheck.connect("toggled(bool)", self.lastStageCheck.setEnabled)
+        form.addRow(self.lastStageCheck)
         self.stepsSpin = qt.QSpinBox()
         self.stepsSpin.setRange(10, 1000000)
         self.stepsSpin.value = 3000
@@ -295,7 +303,8 @@ class UltraSamTrainingWidget(ScriptedLoadableModuleWidget):
             if not self.weightsPath.currentPath:
                 raise ValueError("choose the start weights (download UltraSam in the UltraSam module)")
             self.logic.writeConfig(runDir, self._sources(), self.weightsPath.currentPath,
-                                   self.stepsSpin.value, self.batchSpin.value, self.frozenCheck.checked)
+                                   self.stepsSpin.value, self.batchSpin.value, self.frozenCheck.checked,
+                                   self.frozenCheck.checked and self.lastStageCheck.checked)
             self._launch(runDir)
 
     def onResume(self):
