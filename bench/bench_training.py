@@ -40,7 +40,7 @@ from ultrasam.atomic import write_text_atomic
 from ultrasam.checkpoint import SamConfig, sam_from_config
 from ultrasam.fast_attention import accelerate_image_encoder
 from ultrasam_training.config import LossConfig
-from ultrasam_training.embedding_cache import EmbeddingCache, LastStageEmbedder, freeze_encoder
+from ultrasam_training.embedding_cache import LAST_STAGE_INPUT, EmbeddingCache, LastStageEmbedder, freeze_encoder
 from ultrasam_training.prepare import Item, low_res_target
 from ultrasam_training.prompts import sample_prompts
 from ultrasam_training.step import TrainingModel
@@ -57,7 +57,7 @@ TINY_TINY_VIT = SamConfig(encoder="tiny_vit", image_size=256, patch_size=4, tiny
 # the first of each pair is the one under test
 VARIANTS = {"recipe": (torch.bfloat16, True, None), "ultrasam": (None, False, None)}
 FROZEN_VARIANTS = {"frozen": (None, False, "embeddings"), "full": (None, False, None)}
-LAST_STAGE_VARIANTS = {"last-stage": (None, False, "last-stage-input"), "full": (None, False, None)}
+LAST_STAGE_VARIANTS = {"last-stage": (None, False, LAST_STAGE_INPUT), "full": (None, False, None)}
 
 
 def synthetic_items(count: int, objects: int, image_size: int, seed: int = 0, mask_grid: int = 0) -> list[Item]:
@@ -89,7 +89,7 @@ def run_variant(variant: tuple, base: torch.nn.Module, batches: list[list[Item]]
     with tempfile.TemporaryDirectory() as folder:
         embed = None
         if cached:
-            last_stage = cached == "last-stage-input"
+            last_stage = cached == LAST_STAGE_INPUT
             freeze_encoder(sam, last_stage)
             cache = EmbeddingCache(folder, sam, autocast, batch_size=1, last_stage_input=last_stage)
             cache.fill(item.image for items in batches for item in items)

@@ -11,9 +11,9 @@ reads another's embeddings). Files are written atomically; a killed run keeps wh
 
 To train a TinyViT encoder's last stage and neck as well (``model.train_last_stage``), the store
 holds the (G*G, C) tokens entering that stage instead, keyed to the weights before it only, and
-:class:`LastStageEmbedder` runs the stage on them at every step. For LiteMedSAM the stage runs on
-the 64 x 64 output grid, a third of the encoder's time; the convolutional stage at 256 x 256 and
-the stages after it are not run again.
+:class:`LastStageEmbedder` runs the stage on them at every step. For LiteMedSAM that stage works on
+the 64 x 64 output grid; the stages before it, the 256 x 256 convolutional one among them, never
+run again.
 """
 
 from __future__ import annotations
