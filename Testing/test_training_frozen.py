@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import shared_path
-from training_tiny import TINY_SAM, run_module, tiny_config, write_config
+from training_tiny import run_module, tiny_config, tiny_sam_config, write_config
 from ultrasam.checkpoint import SamConfig, load_model, sam_from_config, save_checkpoint
 from ultrasam_training.config import ConfigError, from_dict
 from ultrasam_training.embedding_cache import EmbeddingCache, LastStageEmbedder, image_key, last_stage_modules
@@ -18,8 +18,7 @@ from ultrasam_training.step import encode
 
 def _tiny_checkpoint(path):
     torch.manual_seed(0)
-    return save_checkpoint(path, sam_from_config(SamConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                                               for k, v in TINY_SAM.items()})))
+    return save_checkpoint(path, sam_from_config(tiny_sam_config()))
 
 
 def _frozen_run(tmp_path, start, cache, name: str, steps: int, *launcher: str) -> list[dict]:
@@ -67,7 +66,7 @@ def test_two_processes_split_the_embedding_between_them(tmp_path):
 
 def test_cache_returns_the_encoder_output_and_encodes_each_image_once(tmp_path):
     torch.manual_seed(0)
-    model = sam_from_config(SamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_SAM.items()}))
+    model = sam_from_config(tiny_sam_config())
     images = [torch.randint(0, 256, (3, 128, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
               for i in range(3)]
     cache = EmbeddingCache(tmp_path, model, batch_size=2)
@@ -150,6 +149,6 @@ def test_training_the_last_stage_changes_it_and_the_decoder_and_nothing_before_i
 def test_training_the_last_stage_is_refused_where_it_cannot_work():
     with pytest.raises(ConfigError, match="model.train_last_stage needs model.frozen_encoder"):
         from_dict({"data": {"train": ["a.json"]}, "model": {"checkpoint": "x.pth", "train_last_stage": True}})
-    vit = sam_from_config(SamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_SAM.items()}))
+    vit = sam_from_config(tiny_sam_config())
     with pytest.raises(ConfigError, match="needs a TinyViT image encoder.*ImageEncoderViT"):
         last_stage_modules(vit)

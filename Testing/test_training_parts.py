@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchvision.ops import sigmoid_focal_loss
 
-from training_tiny import TINY_SAM
+from training_tiny import TINY_SAM, tiny_sam_config
 from ultrasam.checkpoint import CheckpointError, SamConfig, sam_from_config
 from ultrasam_training import config as cfg
 from ultrasam_training.losses import best_candidate, dice_loss, focal_loss, mask_dice, mask_iou, sam_loss
@@ -182,7 +182,7 @@ def test_step_batches_cover_each_epoch_once_across_ranks():
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    config = SamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_SAM.items()})
+    config = tiny_sam_config()
     model = sam_from_config(config)
     with torch.no_grad():  # SAM zero-initialises some tensors; make every one matter
         for tensor in model.parameters():
@@ -300,7 +300,7 @@ def test_correction_rounds_train_the_negative_click():
     """With one corrective round, a training step reaches SAM's negative-point embedding (it is
     unused by UltraSam's recipe, which has no negative clicks)."""
     torch.manual_seed(0)
-    config = SamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_SAM.items()})
+    config = tiny_sam_config()
     sam = sam_from_config(config)
     image = torch.randint(0, 256, (3, 128, 128), dtype=torch.uint8)
     box = Prompts(torch.tensor([True]), torch.zeros(1, 2), torch.tensor([[20.0, 20.0, 100.0, 100.0]]))
@@ -317,7 +317,7 @@ def test_correction_rounds_train_the_negative_click():
 
 
 def test_usfmae_encoder_mapping():
-    model = sam_from_config(SamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_SAM.items()}))
+    model = sam_from_config(tiny_sam_config())
     dim = 32
     usf = {"patch_embed.proj.weight": torch.randn(dim, 3, 16, 16), "patch_embed.proj.bias": torch.randn(dim),
            "cls_token": torch.randn(1, 1, dim), "decoder_embed.weight": torch.randn(16, dim)}

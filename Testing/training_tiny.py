@@ -19,6 +19,13 @@ TINY_SAM = {
 }
 
 
+def tiny_sam_config():
+    """TINY_SAM as ``ultrasam.checkpoint.SamConfig`` (its JSON lists become tuples)."""
+    from ultrasam.checkpoint import SamConfig  # torch-heavy: only the tests that build a model pay for it
+
+    return SamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_SAM.items()})
+
+
 def tiny_config(output_dir: Path, steps: int, **run) -> dict:
     """A scratch tiny model trained on UltraSam's own 10-image US-43d sample (validated on it too)."""
     return {
