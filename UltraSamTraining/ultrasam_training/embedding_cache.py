@@ -154,7 +154,7 @@ def last_stage_modules(model: Sam) -> list[torch.nn.Module]:
     if not hasattr(encoder, "last_stage_modules"):
         raise ConfigError(
             f"model.train_last_stage needs a TinyViT image encoder (LiteMedSAM, compact-v2, compact-v3); this "
-            f"model's is a {type(encoder).__name__}: set it to false, or train the whole encoder "
+            f"model's encoder is {type(encoder).__name__}: set it to false, or train the whole encoder "
             "(model.frozen_encoder false)"
         )
     return encoder.last_stage_modules()
