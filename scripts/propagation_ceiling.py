@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ultrasam.atomic import write_text_atomic
 from ultrasam.batch import segment_volume
 from ultrasam.evaluation import dice, volume_prompt
 from ultrasam.evaluation_data import read_volume_pair, source_kind, volume_set
@@ -71,16 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, help="also write the rows and means as JSON")
     add_model_options(parser)
     args = parser.parse_args(argv)
-    if source_kind(args.folder) != "volumes":
+    if not args.folder.is_dir() or source_kind(args.folder) != "volumes":
         parser.error(f"{args.folder}: expected a folder with images/ and labels/ volumes")
     predictor, description = predictor_from_args(args)
     rows = measure(args.folder, predictor, axis_index(args.axis), args.label_channel)
     means = {name: round(float(np.mean([row[name] for row in rows])), 3) for name in PROMPTS}
     print(f"model: {description}\naxis {args.axis}, {len(rows)} volumes, mean 3D Dice: {means}")
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"model": description, "axis": args.axis, "mean": means, "volumes": rows},
-                                          indent=1))
+    if args.output:  # atomic: a failed write leaves no half-written file
+        write_text_atomic(args.output, json.dumps({"model": description, "axis": args.axis, "mean": means,
+                                                   "volumes": rows}, indent=1))
     return 0
 
 
