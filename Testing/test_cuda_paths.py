@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from PIL import Image
 from segment_anything import SamPredictor
 from segment_anything.modeling.image_encoder import Attention
 
+from conftest import REGRESSION_FIXTURES
 from speed_helpers import iou, randomise_rel_pos
 from ultrasam.fast_attention import FusedAttention
 from ultrasam.geometry import Volume
@@ -29,7 +29,7 @@ from ultrasam.volume_embeddings import VolumeEmbeddingCache
 
 pytestmark = pytest.mark.cuda
 ON_CPU = "ULTRASAM_CUDA_TESTS_ON_CPU"
-IMAGES = Path(__file__).resolve().parent / "fixtures" / "regression" / "BUSBRA" / "images"
+IMAGES = REGRESSION_FIXTURES / "BUSBRA" / "images"
 
 
 @pytest.fixture

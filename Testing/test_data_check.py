@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from conftest import REGRESSION_FIXTURES
 from ultrasam_data.check import check_dataset, main
 from ultrasam_data.coco import CocoDataset, DataError
 
@@ -69,5 +69,5 @@ def test_check_command_prints_the_report(broken, capsys):
     assert main([str(broken / "data__coco.json")]) == 1  # usable images, but missing and unreadable ones too
     assert "Usable: 1 images, 2 objects (data: 1)." in capsys.readouterr().out
     assert main([str(broken / "nowhere.json")]) == 2
-    clean = Path(__file__).resolve().parent / "fixtures" / "regression" / "HC" / "annotations" / "HC__coco.json"
+    clean = REGRESSION_FIXTURES / "HC" / "annotations" / "HC__coco.json"
     assert main([str(clean)]) == 0 and "No problems found." in capsys.readouterr().out

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import REGRESSION_FIXTURES
 from ultrasam.checkpoint import load_model
 from ultrasam.cli import main
 from ultrasam.evaluation import share_inside_box
 from ultrasam.resources import LITEMEDSAM, SHIPPED_MODEL, model_path
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "regression"
 MAX_BYTES = 25 * 1024 * 1024
 MARGIN = 0.01
 # Mean per data set, from `ultrasam evaluate Testing/fixtures/regression/BUSBRA
@@ -51,7 +51,7 @@ def test_shipped_model_is_small_float16_and_loads_with_its_training_rules():
 def test_evaluate_on_held_out_real_images_matches_the_recorded_figures(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ULTRASAM_CACHE", str(tmp_path / "no-weights"))  # the default model must be the shipped one
     out = tmp_path / "eval"
-    assert main(["evaluate", str(FIXTURES / "BUSBRA"), str(FIXTURES / "HC"), "--device", "cpu",
+    assert main(["evaluate", str(REGRESSION_FIXTURES / "BUSBRA"), str(REGRESSION_FIXTURES / "HC"), "--device", "cpu",
                  "--precision", "float32", "-o", str(out)]) == 0
     assert "compact model shipped" in capsys.readouterr().err
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
@@ -118,7 +118,7 @@ def test_each_box_on_one_real_image_follows_its_own_lesion():
 
     loaded = load_model(SHIPPED_MODEL)
     predictor = Predictor(loaded.model, device="cpu", mode=loaded.info["postprocess"], precision="float32")
-    lesions = CocoDataset(FIXTURES / "BUSBRA")
+    lesions = CocoDataset(REGRESSION_FIXTURES / "BUSBRA")
     shares = []
     for left, right in ((lesions[i], lesions[i + 1]) for i in range(0, len(lesions), 2)):
         image, truths, boxes = _side_by_side(left, right)
@@ -138,7 +138,7 @@ def test_a_box_on_tissue_without_a_lesion_keeps_its_mask_inside():
 
     loaded = load_model(SHIPPED_MODEL)
     predictor = Predictor(loaded.model, device="cpu", mode=loaded.info["postprocess"], precision="float32")
-    sample = CocoDataset(FIXTURES / "BUSBRA")[0]
+    sample = CocoDataset(REGRESSION_FIXTURES / "BUSBRA")[0]
     free = _box_away_from(sample.masks[0], sample.image.shape[:2])
     mask = predictor.predict(predictor.set_image(sample.image[..., 0]), Prompt2D(box_xyxy=free)).mask
     assert share_inside_box(mask, free) >= 0.95  # 1.0 for an empty mask
@@ -156,7 +156,7 @@ def test_negative_clicks_on_a_spill_are_obeyed():
 
     loaded = load_model(SHIPPED_MODEL)
     predictor = Predictor(loaded.model, device="cpu", mode=loaded.info["postprocess"], precision="float32")
-    samples = [sample for name in ("BUSBRA", "HC") for sample in CocoDataset(FIXTURES / name)]
+    samples = [sample for name in ("BUSBRA", "HC") for sample in CocoDataset(REGRESSION_FIXTURES / name)]
     rows = evaluate_images(samples, predictor, progress=False)
     negatives, obeyed = (sum(row[key] for row in rows) for key in ("negative_clicks", "negatives_obeyed"))
     if negatives < 5:

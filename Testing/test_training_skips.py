@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REGRESSION_FIXTURES
 from training_tiny import TINY_SAM
 from ultrasam_training.cli import main
 from ultrasam_training.launch import read_progress
 from ultrasam_training.runlog import read_records
 
-HC = Path(__file__).resolve().parent / "fixtures" / "regression" / "HC"
+HC = REGRESSION_FIXTURES / "HC"
 
 
 @pytest.fixture
