@@ -19,7 +19,7 @@ import torch
 
 from conftest import REGRESSION_FIXTURES
 from ultrasam.checkpoint import load_model
-from ultrasam.evaluation import share_inside_box
+from ultrasam.geometry import share_inside_box
 from ultrasam.model_input import MEAN_STD, MIN_MAX
 from ultrasam.predictor import Predictor, Prompt2D
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ultrasam.evaluation import centroid_point, corrective_click, dice, inscribed_ellipse, iou, share_inside_box
+from ultrasam.evaluation import centroid_point, corrective_click, dice, inscribed_ellipse, iou
 from ultrasam.evaluation_report import summarise, write_results
+from ultrasam.geometry import share_inside_box
 
 
 def test_dice_and_iou_of_small_masks():

@@ -44,12 +44,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ultrasam.free_boxes import nearest_free_box
-from ultrasam.geometry import Volume
+from ultrasam.geometry import LEFT_BOX, Volume, share_inside_box
 from ultrasam.predictor import ImageEmbedding, Predictor, Prompt2D
 from ultrasam.prompts3d import VolumePrompts
 from ultrasam.slicing import VolumeSlices
 
-LEFT_BOX = 0.95  # a mask with less of itself inside its box has left it (issue 16's prompt-following bar)
 CORRECTIONS = 2  # corrective clicks after the first point
 
 
@@ -71,17 +70,6 @@ def inscribed_ellipse(box_xyxy: Sequence[float], shape_hw: tuple[int, int]) -> n
     cx, cy, a, b = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
     y, x = np.ogrid[: shape_hw[0], : shape_hw[1]]
     return ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 <= 1.0
-
-
-def share_inside_box(mask: np.ndarray, box_xyxy: Sequence[float]) -> float:
-    """Share of the (H, W) bool mask's pixels whose centre lies in ``box_xyxy`` (1.0 when empty)."""
-    total = int(mask.sum())
-    if total == 0:
-        return 1.0
-    x0, y0, x1, y1 = map(float, box_xyxy)
-    y, x = np.ogrid[: mask.shape[0], : mask.shape[1]]
-    inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
-    return int(np.logical_and(mask, inside).sum()) / total
 
 
 def centroid_point(mask: np.ndarray) -> tuple[np.ndarray, bool]:
