@@ -3,7 +3,10 @@ with confidence; doubtful results come back with warnings."""
 
 from __future__ import annotations
 
+import csv
 import gzip
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +20,7 @@ from ultrasam.checkpoint import save_checkpoint
 from ultrasam.cli import main
 from ultrasam.geometry import Geometry, Volume
 from ultrasam.predictor import Predictor
-from ultrasam.prompts3d import VolumePrompts
+from ultrasam.prompts3d import Roi, SliceBox, VolumePrompts
 from ultrasam.propagation import StopRules
 from ultrasam.volume_io import read_volume
 
@@ -39,9 +42,13 @@ def _textured(slices: int = 10) -> np.ndarray:
 def _run(volume: Volume, truth: np.ndarray, point_ijk, monkeypatch, iou: float = 0.9, **kwargs):
     """segment_volume with a model that returns the true mask wherever it is prompted on the object,
     blank slices included: as confident on empty input as SAM-type models are (the issue's 0.78)."""
+    prompts = VolumePrompts(points=[point_ijk], labels=[1], frame="ijk")
+    return _segment(volume, truth, prompts, monkeypatch, iou, **kwargs)
+
+
+def _segment(volume: Volume, truth: np.ndarray, prompts: VolumePrompts, monkeypatch, iou: float = 0.9, **kwargs):
     monkeypatch.setattr(ultrasam.batch, "VolumeSlicePredictor",
                         lambda slices, cache: TruthPredictor(slices, truth, iou=iou))
-    prompts = VolumePrompts(points=[point_ijk], labels=[1], frame="ijk")
     return segment_volume(volume, Predictor(micro_sam(), device="cpu"), prompts, axis=0, **kwargs)
 
 
@@ -117,6 +124,51 @@ def test_mask_wholly_on_zero_background_is_flagged(monkeypatch):
     inside[3, 10:16, 5:12] = True
     _, report = _run(_volume(voxels), inside, [8, 12, 3], monkeypatch, propagate=False)
     assert report["warnings"] == []
+
+
+def test_a_mask_that_leaves_its_box_is_flagged(monkeypatch):
+    """The "model" answers a box on part of an 8 x 8 square with the whole square: columns 12..15
+    boxed, 12..19 answered, so half the mask lies outside the box (the evaluator's share-inside rule)."""
+    voxels = _textured()
+    truth = np.zeros(voxels.shape, bool)
+    truth[3, 12:20, 12:20] = True
+
+    def boxed(x1: float) -> list[str]:
+        box = SliceBox([11.5, 11.5, 3], [x1, 19.5, 3], frame="ijk")
+        return _segment(_volume(voxels), truth, VolumePrompts(boxes=[box]), monkeypatch, propagate=False)[1]["warnings"]
+
+    assert boxed(15.5) == ["slice(s) 3 (50% outside): the mask reaches well outside the box prompted there, so the "
+                           "model may have followed a neighbouring structure; check it, and tighten the box or add "
+                           "prompts"]
+    assert boxed(19.5) == []  # the tight box: all inside
+    tall = np.zeros((14, 32, 32), bool)
+    tall[:, 12:20, 12:20] = True  # through every slice, and an ROI (columns 12..15) on each: 14 named would be a wall
+    roi = Roi([13.5, 15.5, 6.5], half_sizes=[2, 4, 7], frame="ijk")
+    _, report = _segment(_volume(_textured(14)), tall, VolumePrompts(rois=[roi]), monkeypatch, propagate=False)
+    listed = ", ".join(f"{k} (50% outside)" for k in range(10))
+    assert report["warnings"][0].startswith(f"slice(s) {listed} and 4 more: the mask reaches well outside")
+
+
+def test_batch_summary_lists_each_volumes_warnings(tmp_path, monkeypatch, capsys):
+    """``ultrasam batch`` over two volumes, one boxed on half of its square (the mask leaves the box)
+    and one boxed tightly: the summary's warnings column and the closing line tell them apart."""
+    truth = np.zeros((10, 32, 32), bool)
+    truth[3, 12:20, 12:20] = True
+    monkeypatch.setattr(ultrasam.batch, "VolumeSlicePredictor", lambda slices, cache: TruthPredictor(slices, truth))
+    entries = []
+    for name, x1 in (("spill", 15.5), ("tight", 19.5)):
+        sitk.WriteImage(sitk.GetImageFromArray(_textured()), str(tmp_path / f"{name}.nrrd"))
+        entries.append({"volume": f"{name}.nrrd", "frame": "ijk", "boxes": [[[11.5, 11.5, 3], [x1, 19.5, 3]]]})
+    (tmp_path / "prompts.json").write_text(json.dumps(entries))
+    checkpoint = save_checkpoint(tmp_path / "micro.pth", micro_sam())
+    assert main(["batch", str(tmp_path / "prompts.json"), "-c", str(checkpoint), "--device", "cpu",
+                 "--output-dir", str(tmp_path / "out")]) == 0
+    closing = capsys.readouterr().out.splitlines()[-1]
+    assert closing.startswith("2 of 2 volumes segmented")
+    assert closing.endswith(", 1 with warnings to check (its warnings column)")
+    with (tmp_path / "out" / "summary.csv").open(newline="") as stream:
+        rows = {Path(row["volume"]).stem: row["warnings"] for row in csv.DictReader(stream)}
+    assert rows["spill"].startswith("slice(s) 3 (50% outside): the mask reaches well outside") and rows["tight"] == ""
 
 
 def test_cli_prints_the_warnings(tmp_path, capsys):

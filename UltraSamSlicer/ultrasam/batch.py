@@ -93,7 +93,8 @@ def segment_volume(
     propagator = Propagator(slice_predictor, slices.num_slices, rules, propagate, lookahead)
     result = propagator.run(key_prompts, should_cancel, on_slice, span)
     report = volume_report(slices, result)
-    report["warnings"] = warnings + result_warnings(slices, report["slices"], result.masks(), rules.min_iou, blank)
+    report["warnings"] = warnings + result_warnings(slices, report["slices"], result.masks(), rules.min_iou, blank,
+                                                   key_prompts)
     return slices.to_volume(result.masks()), report
 
 
@@ -221,7 +222,7 @@ def run_batch(
 
     Returns:
         One summary row per volume: volume, output, status ("ok" or "failed"), error, key and
-        segmented slice counts, volume_ml, mean_iou, seconds.
+        segmented slice counts, volume_ml, mean_iou, warnings (the report's, joined by "; "), seconds.
     """
     output_dir = Path(output_dir)
     jobs = read_prompts_file(prompts_file)
@@ -256,7 +257,8 @@ def _run_job(job: Job, output: Path, segment: Callable, axis: int | str) -> dict
         write_text_atomic(output.with_name(output.name + ".report.json"), json.dumps(report, indent=1))
         ious = [r["iou"] for r in report["slices"] if r["status"] in ("key", "propagated")]
         row.update(key_slices=len(report["key_slices"]), segmented_slices=len(report["segmented_slices"]),
-                   volume_ml=report["volume_ml"], mean_iou=round(float(np.mean(ious)), 4) if ious else "")
+                   volume_ml=report["volume_ml"], mean_iou=round(float(np.mean(ious)), 4) if ious else "",
+                   warnings="; ".join(report["warnings"]))
     except (ValueError, IndexError, OSError) as error:
         row.update(status="failed", error=str(error))
     row["seconds"] = round(time.perf_counter() - start, 2)
@@ -270,7 +272,7 @@ def _stem(path: Path) -> str:
 
 def _as_csv(rows: list[dict]) -> str:
     columns = ["volume", "output", "status", "error", "key_slices", "segmented_slices", "volume_ml",
-               "mean_iou", "seconds"]
+               "mean_iou", "warnings", "seconds"]
     text = io.StringIO()
     writer = csv.DictWriter(text, columns, restval="")
     writer.writeheader()

@@ -282,7 +282,10 @@ def _run_batch(args: argparse.Namespace) -> int:
     rows = run_batch(args.prompts, predictor, args.output_dir, axis=args.axis, propagate=args.propagate,
                      rules=_stop_rules(args), window=_window(args), segment=segment)
     failed = [row for row in rows if row.get("error")]
-    print(f"{len(rows) - len(failed)} of {len(rows)} volumes segmented; summary in {args.output_dir}/summary.csv")
+    warned = sum(1 for row in rows if row.get("warnings"))
+    checks = f", {warned} with warnings to check (its warnings column)" if warned else ""
+    print(f"{len(rows) - len(failed)} of {len(rows)} volumes segmented; summary in {args.output_dir}/summary.csv"
+          + checks)
     return 1 if failed else 0
 
 

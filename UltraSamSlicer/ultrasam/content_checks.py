@@ -3,7 +3,8 @@
 SAM-type models return a mask with a high predicted IoU even on an all-zero image, so the image
 content is checked instead: blank or non-finite volumes are refused, blank slices get no mask,
 and results the user should look at again (a key slice below the IoU threshold, a mask lying
-wholly on zero-intensity background outside the ultrasound fan) come back as warnings.
+wholly on zero-intensity background outside the ultrasound fan, a mask that left the box it was
+prompted with) come back as warnings.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ultrasam.geometry import Volume
+from ultrasam.geometry import LEFT_BOX, Volume, share_inside_box
 from ultrasam.predictor import Prediction, Prompt2D
 from ultrasam.prompts3d import VolumePrompts, slice_prompts
 from ultrasam.slicing import VolumeSlices
 
 BLANK_SLICE = "blank slice"  # the stop reason of a slice with one grey value
+LISTED = 10  # slices named in a warning about many (an ROI prompts every slice it crosses)
 
 
 def check_volume_content(volume: Volume) -> list[str]:
@@ -89,8 +91,9 @@ def checked_key_prompts(slices: VolumeSlices, prompts: VolumePrompts, blank: set
 
 
 def result_warnings(slices: VolumeSlices, rows: list[dict], masks: Mapping[int, np.ndarray],
-                    min_iou: float, blank: set[int]) -> list[str]:
-    """Warnings about a finished run (``rows``: the report's slice rows)."""
+                    min_iou: float, blank: set[int], key_prompts: Mapping[int, Prompt2D]) -> list[str]:
+    """Warnings about a finished run (``rows``: the report's slice rows; ``key_prompts``: what
+    :func:`checked_key_prompts` returned)."""
     warnings = [f"key slice {r['index']}: predicted IoU {r['iou']:.2f} is below the stop threshold "
                 f"{min_iou:g}; the mask was kept, check it or add prompts"
                 for r in rows if r["status"] == "key" and r["iou"] < min_iou]
@@ -101,7 +104,21 @@ def result_warnings(slices: VolumeSlices, rows: list[dict], masks: Mapping[int, 
     if on_background:
         warnings.append(f"slice(s) {on_background}: the mask lies wholly on zero-intensity background "
                         "(outside the ultrasound fan?); check the prompt positions")
+    left = _left_their_box(key_prompts, masks)
+    if left:
+        where = ", ".join(f"{index} ({1 - inside:.0%} outside)" for index, inside in left[:LISTED])
+        where += f" and {len(left) - LISTED} more" if len(left) > LISTED else ""
+        warnings.append(f"slice(s) {where}: the mask reaches well outside the box prompted there, so the model "
+                        "may have followed a neighbouring structure; check it, and tighten the box or add prompts")
     return warnings
+
+
+def _left_their_box(key_prompts: Mapping[int, Prompt2D], masks: Mapping[int, np.ndarray]) -> list[tuple[int, float]]:
+    """(slice index, share inside) of box-prompted key slices whose mask has less than
+    ``LEFT_BOX`` of itself inside that box: the model answered with something else than the box."""
+    shares = [(index, share_inside_box(masks[index], prompt.box_xyxy)) for index, prompt in sorted(key_prompts.items())
+              if prompt.box_xyxy is not None and index in masks]
+    return [(index, inside) for index, inside in shares if inside < LEFT_BOX]
 
 
 def _wholly_on_zero(image: np.ndarray, mask: np.ndarray) -> bool:

@@ -201,6 +201,6 @@ class SegmentationSession:
         result = self._propagator.run(keys, should_cancel, on_slice, span_range)
         rows = slice_rows(result.slices.values(), float(np.prod(slices.pixel_spacing)))
         warnings = self.volume_warnings + result_warnings(slices, rows, result.masks(), self.rules.min_iou,
-                                                          self._blank)
+                                                          self._blank, keys)
         return SessionResult(slices.to_volume(result.masks()), self.axis, list(result.slices.values()), propagate,
                              warnings, rows)
