@@ -149,6 +149,26 @@ def test_a_mask_that_leaves_its_box_is_flagged(monkeypatch):
     assert report["warnings"][0].startswith(f"slice(s) {listed} and 4 more: the mask reaches well outside")
 
 
+def test_clicks_the_mask_does_not_follow_are_flagged(monkeypatch):
+    """The "model" ignores negative clicks (as compact-v3 mostly does: MODEL_CARD.md) and answers a
+    positive click off the object with nothing."""
+    voxels = _textured()
+    truth = np.zeros(voxels.shape, bool)
+    truth[3, 12:20, 12:20] = True
+
+    def clicked(points: list, labels: list) -> list[str]:
+        prompts = VolumePrompts(points=points, labels=labels, frame="ijk")
+        return _segment(_volume(voxels), truth, prompts, monkeypatch, propagate=False)[1]["warnings"]
+
+    assert clicked([[16, 16, 3], [13, 14, 3]], [1, 0]) == [
+        "slice(s) [3]: a negative click lies inside the mask, so the model did not follow it; correct the mask with "
+        "a tighter box, or edit it by hand"]
+    assert clicked([[16, 16, 3], [25, 25, 3]], [1, 0]) == []  # the negative click is off the mask: followed
+    assert clicked([[4, 4, 5]], [1]) == [
+        "slice(s) [5]: a positive click lies outside the mask, so the model did not follow it; check the mask, and "
+        "move the click or prompt with a box"]
+
+
 def test_batch_summary_lists_each_volumes_warnings(tmp_path, monkeypatch, capsys):
     """``ultrasam batch`` over two volumes, one boxed on half of its square (the mask leaves the box)
     and one boxed tightly: the summary's warnings column and the closing line tell them apart."""

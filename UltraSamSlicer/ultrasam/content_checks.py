@@ -4,7 +4,7 @@ SAM-type models return a mask with a high predicted IoU even on an all-zero imag
 content is checked instead: blank or non-finite volumes are refused, blank slices get no mask,
 and results the user should look at again (a key slice below the IoU threshold, a mask lying
 wholly on zero-intensity background outside the ultrasound fan, a mask that left the box it was
-prompted with) come back as warnings.
+prompted with, a click the mask does not follow) come back as warnings.
 """
 
 from __future__ import annotations
@@ -110,6 +110,13 @@ def result_warnings(slices: VolumeSlices, rows: list[dict], masks: Mapping[int, 
         where += f" and {len(left) - LISTED} more" if len(left) > LISTED else ""
         warnings.append(f"slice(s) {where}: the mask reaches well outside the box prompted there, so the model "
                         "may have followed a neighbouring structure; check it, and tighten the box or add prompts")
+    missed, covered = _unfollowed_clicks(key_prompts, masks)
+    if missed:
+        warnings.append(f"slice(s) {missed}: a positive click lies outside the mask, so the model did not follow "
+                        "it; check the mask, and move the click or prompt with a box")
+    if covered:
+        warnings.append(f"slice(s) {covered}: a negative click lies inside the mask, so the model did not follow "
+                        "it; correct the mask with a tighter box, or edit it by hand")
     return warnings
 
 
@@ -119,6 +126,26 @@ def _left_their_box(key_prompts: Mapping[int, Prompt2D], masks: Mapping[int, np.
     shares = [(index, share_inside_box(masks[index], prompt.box_xyxy)) for index, prompt in sorted(key_prompts.items())
               if prompt.box_xyxy is not None and index in masks]
     return [(index, inside) for index, inside in shares if inside < LEFT_BOX]
+
+
+def _unfollowed_clicks(key_prompts: Mapping[int, Prompt2D], masks: Mapping[int, np.ndarray]) -> tuple[list, list]:
+    """Key slices where a positive click's pixel is out of the mask, and where a negative click's
+    pixel is in it (the evaluator's rule for an obeyed negative click). No mask is an empty one."""
+    missed, covered = [], []
+    for index, prompt in sorted(key_prompts.items()):
+        if prompt.points_xy is None:
+            continue
+        mask = masks.get(index)
+        if mask is None:
+            hit = np.zeros(len(prompt.labels), bool)
+        else:  # integer xy are pixel centres; a click may sit on the image's outer half pixel
+            columns, rows = np.clip(np.rint(prompt.points_xy), 0, [mask.shape[1] - 1, mask.shape[0] - 1]).astype(int).T
+            hit = mask[rows, columns]
+        if not hit[prompt.labels == 1].all():
+            missed.append(index)
+        if hit[prompt.labels == 0].any():
+            covered.append(index)
+    return missed, covered
 
 
 def _wholly_on_zero(image: np.ndarray, mask: np.ndarray) -> bool:
