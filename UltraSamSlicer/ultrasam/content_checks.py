@@ -128,9 +128,11 @@ def _left_their_box(key_prompts: Mapping[int, Prompt2D], masks: Mapping[int, np.
     return [(index, inside) for index, inside in shares if inside < LEFT_BOX]
 
 
-def _unfollowed_clicks(key_prompts: Mapping[int, Prompt2D], masks: Mapping[int, np.ndarray]) -> tuple[list, list]:
+def _unfollowed_clicks(key_prompts: Mapping[int, Prompt2D],
+                       masks: Mapping[int, np.ndarray]) -> tuple[list[int], list[int]]:
     """Key slices where a positive click's pixel is out of the mask, and where a negative click's
-    pixel is in it (the evaluator's rule for an obeyed negative click). No mask is an empty one."""
+    pixel is in it (the evaluator's rule for an obeyed negative click). A slice without a mask in
+    ``masks`` has an empty one."""
     missed, covered = [], []
     for index, prompt in sorted(key_prompts.items()):
         if prompt.points_xy is None:
