@@ -12,7 +12,7 @@ from PIL import Image
 
 from ultrasam.evaluation import centroid_point, corrective_click, dice, inscribed_ellipse, iou
 from ultrasam.evaluation_report import summarise, write_results
-from ultrasam.geometry import share_inside_box
+from ultrasam.geometry import points_in_mask, share_inside_box
 
 
 def test_dice_and_iou_of_small_masks():
@@ -86,6 +86,15 @@ def test_share_inside_box_counts_pixel_centres_in_the_box():
     assert share_inside_box(mask, (1.5, 1.5, 3.5, 5.5)) == 0.5  # columns 2..3 only
     assert share_inside_box(mask, (6.5, 6.5, 9.5, 9.5)) == 0.0  # a box elsewhere
     assert share_inside_box(np.zeros((4, 4), bool), (0, 0, 2, 2)) == 1.0  # nothing predicted, nothing outside
+
+
+def test_points_in_mask_reads_the_pixel_whose_centre_is_nearest():
+    mask = np.zeros((4, 5), bool)
+    mask[1, 2] = True  # row 1, column 2: the pixel centred at x = 2, y = 1
+    clicks = [[2, 1], [2.4, 0.6], [2.6, 1], [4.5, 3.5], [-0.5, -0.5]]
+    np.testing.assert_array_equal(points_in_mask(mask, clicks), [True, True, False, False, False])
+    mask[3, 4] = mask[0, 0] = True  # the corners, reached from their outer half pixel
+    assert points_in_mask(mask, [[4.5, 3.5], [-0.5, -0.5]]).all()
 
 
 def test_corrective_clicks_go_to_the_deepest_pixel_of_the_larger_error():

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ultrasam.geometry import LEFT_BOX, Volume, share_inside_box
+from ultrasam.geometry import LEFT_BOX, Volume, points_in_mask, share_inside_box
 from ultrasam.predictor import Prediction, Prompt2D
 from ultrasam.prompts3d import VolumePrompts, slice_prompts
 from ultrasam.slicing import VolumeSlices
@@ -138,11 +138,7 @@ def _unfollowed_clicks(key_prompts: Mapping[int, Prompt2D],
         if prompt.points_xy is None:
             continue
         mask = masks.get(index)
-        if mask is None:
-            hit = np.zeros(len(prompt.labels), bool)
-        else:  # integer xy are pixel centres; a click may sit on the image's outer half pixel
-            columns, rows = np.clip(np.rint(prompt.points_xy), 0, [mask.shape[1] - 1, mask.shape[0] - 1]).astype(int).T
-            hit = mask[rows, columns]
+        hit = np.zeros(len(prompt.labels), bool) if mask is None else points_in_mask(mask, prompt.points_xy)
         if not hit[prompt.labels == 1].all():
             missed.append(index)
         if hit[prompt.labels == 0].any():

@@ -44,7 +44,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ultrasam.free_boxes import nearest_free_box
-from ultrasam.geometry import LEFT_BOX, Volume, share_inside_box
+from ultrasam.geometry import LEFT_BOX, Volume, points_in_mask, share_inside_box
 from ultrasam.predictor import ImageEmbedding, Predictor, Prompt2D
 from ultrasam.prompts3d import VolumePrompts
 from ultrasam.slicing import VolumeSlices
@@ -163,7 +163,7 @@ def _corrected_scores(predictor: Predictor, embedding: ImageEmbedding, truth: np
         answer = predictor.predict(embedding, Prompt2D(points_xy=points, labels=labels)).mask
         if label == 0:
             negatives += 1
-            obeyed += not answer[int(xy[1]), int(xy[0])]
+            obeyed += not points_in_mask(answer, xy)[0]
     return {"corrected_dice": dice(answer, truth), "negative_clicks": negatives, "negatives_obeyed": obeyed}
 
 

@@ -65,6 +65,14 @@ def share_inside_box(mask: np.ndarray, box_xyxy: Sequence[float]) -> float:
     return int(np.logical_and(mask, inside).sum()) / total
 
 
+def points_in_mask(mask: np.ndarray, points_xy: np.ndarray) -> np.ndarray:
+    """(N,) bool: whether the pixel of each click (N, 2) in the slice frame ``xy`` is in the (H, W)
+    mask. Integer xy are pixel centres; a click on the image's outer half pixel counts as the edge pixel."""
+    limits = [mask.shape[1] - 1, mask.shape[0] - 1]
+    columns, rows = np.clip(np.rint(np.reshape(points_xy, (-1, 2))), 0, limits).astype(int).T
+    return mask[rows, columns]
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Where a voxel grid sits in physical space.
