@@ -113,11 +113,10 @@ def test_each_box_on_one_real_image_follows_its_own_lesion():
     three BUS-BRA regression patients), one box each: the median share of a mask inside its box is at
     least 0.95 (issue 16's prompt-following measure; compact-v1 scores 0.07 here), and every mask
     overlaps its own lesion more than the other one."""
-    from ultrasam.predictor import Predictor, Prompt2D
+    from ultrasam.predictor import Prompt2D
     from ultrasam_data.coco import CocoDataset
 
-    loaded = load_model(SHIPPED_MODEL)
-    predictor = Predictor(loaded.model, device="cpu", mode=loaded.info["postprocess"], precision="float32")
+    predictor = _shipped_predictor()
     lesions = CocoDataset(REGRESSION_FIXTURES / "BUSBRA")
     shares = []
     for left, right in ((lesions[i], lesions[i + 1]) for i in range(0, len(lesions), 2)):
@@ -133,11 +132,10 @@ def test_each_box_on_one_real_image_follows_its_own_lesion():
 def test_a_box_on_tissue_without_a_lesion_keeps_its_mask_inside():
     """compact-v2 failed here (every training box held an object, so a box on lesion-free tissue was
     pulled towards the lesion); compact-v3 trained with boxes on object-free tissue (docs/MODEL_CARD.md)."""
-    from ultrasam.predictor import Predictor, Prompt2D
+    from ultrasam.predictor import Prompt2D
     from ultrasam_data.coco import CocoDataset
 
-    loaded = load_model(SHIPPED_MODEL)
-    predictor = Predictor(loaded.model, device="cpu", mode=loaded.info["postprocess"], precision="float32")
+    predictor = _shipped_predictor()
     sample = CocoDataset(REGRESSION_FIXTURES / "BUSBRA")[0]
     free = _box_away_from(sample.masks[0], sample.image.shape[:2])
     mask = predictor.predict(predictor.set_image(sample.image[..., 0]), Prompt2D(box_xyxy=free)).mask
@@ -176,12 +174,11 @@ def test_the_user_is_warned_exactly_when_the_written_mask_covers_a_negative_clic
     from PIL import Image
 
     from ultrasam.evaluation import centroid_point, corrective_click
-    from ultrasam.predictor import Predictor, Prompt2D
+    from ultrasam.predictor import Prompt2D
     from ultrasam_data.coco import CocoDataset
 
     monkeypatch.setenv("ULTRASAM_CACHE", str(tmp_path / "no-weights"))
-    loaded = load_model(SHIPPED_MODEL)
-    predictor = Predictor(loaded.model, device="cpu", mode=loaded.info["postprocess"], precision="float32")
+    predictor = _shipped_predictor()
     for sample in (s for name in ("BUSBRA", "HC") for s in CocoDataset(REGRESSION_FIXTURES / name)):
         point, _ = centroid_point(sample.masks[0])
         answer = predictor.predict(predictor.set_image(sample.image), Prompt2D(points_xy=[point], labels=[1])).mask
@@ -206,17 +203,23 @@ def test_negative_clicks_on_a_spill_are_obeyed():
     """The evaluator's corrective clicks on the twelve held-out images: at least half of the
     negative ones (on a spill) take their pixel out of the mask."""
     from ultrasam.evaluation import evaluate_images
-    from ultrasam.predictor import Predictor
     from ultrasam_data.coco import CocoDataset
 
-    loaded = load_model(SHIPPED_MODEL)
-    predictor = Predictor(loaded.model, device="cpu", mode=loaded.info["postprocess"], precision="float32")
+    predictor = _shipped_predictor()
     samples = [sample for name in ("BUSBRA", "HC") for sample in CocoDataset(REGRESSION_FIXTURES / name)]
     rows = evaluate_images(samples, predictor, progress=False)
     negatives, obeyed = (sum(row[key] for row in rows) for key in ("negative_clicks", "negatives_obeyed"))
     if negatives < 5:
         pytest.skip(f"only {negatives} negative clicks were needed: too few to judge")
     assert obeyed >= negatives / 2, f"{obeyed} of {negatives} negative clicks obeyed"
+
+
+def _shipped_predictor():
+    """The shipped model with the rules it was trained with, float32 on the CPU (as RECORDED was measured)."""
+    from ultrasam.predictor import Predictor
+
+    loaded = load_model(SHIPPED_MODEL)
+    return Predictor(loaded.model, device="cpu", mode=loaded.info["postprocess"], precision="float32")
 
 
 def _side_by_side(left, right):
