@@ -75,6 +75,11 @@ def resize_image(image: torch.Tensor, image_size: int) -> torch.Tensor:
     return resize_bilinear(image[None], size)[0].to(torch.uint8)
 
 
+def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W) bool -> (N, h, w) bool, as their image is resized: bilinear, kept where >= 0.5."""
+    return F.interpolate(masks[None].float(), size=size, mode="bilinear", align_corners=False)[0] >= 0.5
+
+
 def prepare(sample: Any, options: PrepareOptions, generator: torch.Generator) -> Item:
     """Turn a data sample (``image`` (H, W, 3) uint8, ``masks`` (N, H, W) bool, ``dataset``) into an Item.
 
@@ -90,7 +95,7 @@ def prepare(sample: Any, options: PrepareOptions, generator: torch.Generator) ->
         image, masks = image.flip(-1), masks.flip(-1)
     image = resize_image(image, options.image_size)
     size = tuple(image.shape[1:])
-    masks = F.interpolate(masks[None].float(), size=size, mode="bilinear", align_corners=False)[0] >= 0.5
+    masks = resize_masks(masks, size)
     masks = masks[masks.flatten(1).any(dim=1)]
     target = low_res_target(masks, options.image_size, options.low_res_size or options.image_size // 4)
     ignore = None
