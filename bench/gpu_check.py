@@ -238,7 +238,7 @@ def run_step(command: list[str], timeout_s: float, log: Path) -> tuple[str, floa
     start = time.perf_counter()
     with log.open("w") as stream, GpuMemoryPoller() as memory:
         process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, cwd=REPO,
-                                   env=_child_env(), start_new_session=True)
+                                   env=child_env(), start_new_session=True)
         try:
             status = "ok" if process.wait(timeout=max(timeout_s, 0.1)) == 0 else "failed"
         except subprocess.TimeoutExpired:
@@ -253,7 +253,7 @@ def kill_tree(pid: int) -> None:
     signal_tree(pid, process_tree(pid), signal.SIGKILL)
 
 
-def _child_env() -> dict:
+def child_env() -> dict:
     paths = [str(REPO / "UltraSamSlicer"), str(REPO / "UltraSamTraining"), os.environ.get("PYTHONPATH", "")]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "PYTHONUNBUFFERED": "1"}
 
@@ -370,12 +370,21 @@ def prepare(folder: Path) -> int:
     from ultrasam.intensity import to_uint8
     from ultrasam.volume_io import read_volume
 
-    wheels = folder / "wheels"
+    download_wheels(folder / "wheels")
+    voxels, _ = to_uint8(read_volume(BUNDLED_VOLUME).voxels)
+    np.savez_compressed(folder / "Case3_uint8.npz", voxels=voxels)
+    return 0 if fits_the_device(folder) else 1
+
+
+def download_wheels(wheels: Path) -> None:
+    """The pure-Python and manylinux wheels of ``WHEELS`` for the GPU machine's Python 3.12."""
     platforms = [f"--platform={tag}" for tag in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")]
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
                     "--python-version=3.12", "--implementation=cp", *platforms, "-d", str(wheels), *WHEELS], check=True)
-    voxels, _ = to_uint8(read_volume(BUNDLED_VOLUME).voxels)
-    np.savez_compressed(folder / "Case3_uint8.npz", voxels=voxels)
+
+
+def fits_the_device(folder: Path) -> bool:
+    """Whether the checkout plus the carried ``folder`` stays under the device tool's limit; says the sizes."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                             capture_output=True, check=True).stdout.decode().split("\0")
     checkout = sum((REPO / name).stat().st_size for name in listed if name and (REPO / name).is_file())
@@ -384,8 +393,8 @@ def prepare(folder: Path) -> int:
           f"{(checkout + carried) / 2**20:.1f} MiB (limit {CARRY_LIMIT / 2**20:.0f} MiB)")
     if checkout + carried >= CARRY_LIMIT:
         print("too big to travel: remove files from the checkout or the carried folder", file=sys.stderr)
-        return 1
-    return 0
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
