@@ -128,6 +128,13 @@ def test_jobs_stop_at_the_budget_and_their_checkpoints_come_back_whole(carried, 
     assert "sha256 differs" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "joined").iterdir()) == ["b.pth"]  # nothing written for "a"
 
+    (out / summary["variants"]["b"]["parts"][-1]).unlink()
+    assert gpu_finetune.join(out, tmp_path / "again") == 1
+    assert f"{summary['variants']['b']['parts'][-1]} did not come back" in capsys.readouterr().err
+    assert not list((tmp_path / "again").iterdir())
+    assert gpu_finetune.join(tmp_path, tmp_path / "again") == 2
+    assert "no finetune.json" in capsys.readouterr().err
+
 
 def test_prepare_refuses_missing_splits_before_writing(tmp_path, capsys):
     assert gpu_finetune.prepare(tmp_path / "carry", [tmp_path / "train.X__coco.json"]) == 2

@@ -230,27 +230,39 @@ def device_name() -> str:
 # ---- here, after: the checkpoints back together --------------------------------------------------
 def join(files: Path, out: Path) -> int:
     """Each variant's parts in ``files`` -> ``out``/<variant>.pth, checked against its sha256."""
+    from ultrasam.atomic import atomic_path
+
+    if not (files / "finetune.json").is_file():
+        print(f"no finetune.json in {files}: give the folder the device call's files lie in", file=sys.stderr)
+        return 2
     summary = json.loads((files / "finetune.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     failed = 0
     for name, entry in summary["variants"].items():
-        if not entry.get("parts"):
-            print(f"{name}: no checkpoint ({entry.get('note', 'see finetune.log')})")
+        content, problem = joined_parts(files, entry)
+        if problem:
+            print(f"{name}: {problem}", file=sys.stderr)
             failed += 1
             continue
-        content = b"".join((files / part).read_bytes() for part in entry["parts"])
-        if hashlib.sha256(content).hexdigest() != entry["sha256"]:
-            print(f"{name}: the parts do not add up to the checkpoint that was sent (sha256 differs): "
-                  "fetch the files again", file=sys.stderr)
-            failed += 1
-            continue
-        target = out / f"{name}.pth"
-        partial = target.with_name(target.name + ".partial")
-        partial.write_bytes(content)
-        partial.replace(target)
+        with atomic_path(out / f"{name}.pth") as partial:
+            partial.write_bytes(content)
         best = entry["best"]
-        print(f"{target}: step {best['step']}, validation click Dice {best['dice']:.3f} {best['per_dataset']}")
+        print(f"{out / f'{name}.pth'}: step {best['step']}, validation click Dice {best['dice']:.3f} "
+              f"{best['per_dataset']}")
     return 1 if failed else 0
+
+
+def joined_parts(files: Path, entry: dict) -> tuple[bytes, str]:
+    """(one variant's checkpoint bytes, "") or (b"", what is wrong with its parts)."""
+    if not entry.get("parts"):
+        return b"", f"no checkpoint came back ({entry.get('note', 'see finetune.log')})"
+    missing = [part for part in entry["parts"] if not (files / part).is_file()]
+    if missing:
+        return b"", f"{', '.join(missing)} did not come back: fetch the files again"
+    content = b"".join((files / part).read_bytes() for part in entry["parts"])
+    if hashlib.sha256(content).hexdigest() != entry["sha256"]:
+        return b"", "the parts do not add up to the checkpoint that was sent (sha256 differs): fetch the files again"
+    return content, ""
 
 
 def main(argv: list[str] | None = None) -> int:
