@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from ultrasam_training import config as config_module
@@ -135,14 +136,19 @@ def _stop(args) -> int:
 
 
 def _export(args) -> int:
+    print(export_checkpoint(args.checkpoint, args.out, args.float16))
+    return 0
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, float16: bool = False) -> Path:
+    """Rewrite any checkpoint ``load_model`` reads in this project's format (``float16``: half the file)."""
     from ultrasam.checkpoint import load_model, save_checkpoint
 
-    loaded = load_model(args.checkpoint)
+    loaded = load_model(checkpoint)
     meta = dict(loaded.info.get("meta", {}))
     if "postprocess" in loaded.info:  # the inference rules travel with the weights
         meta["postprocess"] = loaded.info["postprocess"]
-    print(save_checkpoint(args.out, loaded.model, meta, float16=args.float16))
-    return 0
+    return save_checkpoint(out, loaded.model, meta, float16=float16)
 
 
 def _split(args) -> int:
