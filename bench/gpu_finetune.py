@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench"), str(REPO / "UltraSamSlicer"), str(REPO / "UltraSamTraining")]
 
 from gpu_check import child_env, download_wheels, fits_the_device, kill_tree  # noqa: E402
-from ultrasam.atomic import write_text_atomic  # noqa: E402
+from ultrasam.atomic import atomic_path, write_text_atomic  # noqa: E402
 from ultrasam.resources import SHIPPED_MODEL  # noqa: E402
 
 DATA = (  # compact-v3's training and validation sets (docs/compact-v2.splits.sh writes them)
@@ -88,7 +88,7 @@ def shrink(annotation_file: Path, root: Path, image_size: int = IMAGE_SIZE) -> P
     from PIL import Image
 
     from ultrasam_data.coco import read_annotation_file, read_sample
-    from ultrasam_data.writer import encode_mask
+    from ultrasam_data.writer import CATEGORY, encode_mask
     from ultrasam_training.prepare import resize_image, resize_masks
 
     problems: list = []
@@ -113,8 +113,7 @@ def shrink(annotation_file: Path, root: Path, image_size: int = IMAGE_SIZE) -> P
                          **encode_mask(mask)} for n, mask in enumerate(m for m in masks if m.any())]
     out = folder / "annotations" / annotation_file.name
     out.parent.mkdir(exist_ok=True)
-    content = {"images": images, "annotations": annotations,
-               "categories": [{"id": 1, "name": "object", "supercategory": "none"}]}
+    content = {"images": images, "annotations": annotations, "categories": [CATEGORY]}
     write_text_atomic(out, json.dumps(content))
     return out
 
@@ -226,8 +225,6 @@ def device_name() -> str:
 # ---- here, after: the checkpoints back together --------------------------------------------------
 def join(files: Path, out: Path) -> int:
     """Each variant's parts in ``files`` -> ``out``/<variant>.pth, checked against its sha256."""
-    from ultrasam.atomic import atomic_path
-
     if not (files / "finetune.json").is_file():
         print(f"no finetune.json in {files}: give the folder the device call's files lie in", file=sys.stderr)
         return 2
@@ -273,7 +270,6 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("out", type=Path)
     run.add_argument("--budget-s", type=float, default=480.0, help="the whole call's seconds, export included")
     run.add_argument("--dry-run", action="store_true", help="the CPU, two steps of two images per variant")
-    run.add_argument("--part-mib", type=float, default=PART_BYTES / 2**20, help=argparse.SUPPRESS)
     back = commands.add_parser("join", help="here: put the returned checkpoints back together")
     back.add_argument("files", type=Path, help="the folder the returned files lie in")
     back.add_argument("out", type=Path)
@@ -281,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare":
         return prepare(args.folder, args.data)
     if args.command == "train":
-        return train(args.folder, args.out, args.budget_s, args.dry_run, int(args.part_mib * 2**20))
+        return train(args.folder, args.out, args.budget_s, args.dry_run)
     return join(args.files, args.out)
 
 
